@@ -1,0 +1,60 @@
+"""TFMA settings for the Evaluator: what is measured and what blesses a model.
+
+Overall accuracy and top-k come from Keras metrics; per-class precision,
+recall and F1 come from binarizing each class id with ``top_k: 1``, so a class
+counts as predicted exactly when it is the arg-max (the default 0.5 threshold on
+a one-vs-rest probability would measure something no user sees).
+
+TFMA applies a ``threshold`` to every slice; blessing is a statement about the
+model as a whole, so it is set with ``per_slice_thresholds`` on the overall
+slice only.  The change threshold only takes effect when a baseline (the last
+blessed model) exists: the first model is judged on the floor alone.
+"""
+
+from __future__ import annotations
+
+import json
+
+from components import keras_env  # noqa: F401
+import tensorflow_model_analysis as tfma
+
+from components import signatures, transform
+from pipeline import configs
+
+ACCURACY = "sparse_categorical_accuracy"
+TOP_K_ACCURACY = "top_k_accuracy"
+
+
+def create_eval_config(evaluation: configs.EvaluationConfig, num_classes: int) -> tfma.EvalConfig:
+    overall = [tfma.SlicingSpec()]
+    blessing = tfma.MetricThreshold(
+        value_threshold=tfma.GenericValueThreshold(lower_bound={"value": evaluation.min_accuracy}),
+        change_threshold=tfma.GenericChangeThreshold(
+            direction=tfma.MetricDirection.HIGHER_IS_BETTER,
+            absolute={"value": -evaluation.max_regression}))
+    top_k = max(1, min(evaluation.top_k, num_classes))
+    per_class = {"top_k": 1}
+    return tfma.EvalConfig(
+        model_specs=[tfma.ModelSpec(
+            signature_name=signatures.SERVING_EXAMPLES,
+            preprocessing_function_names=[signatures.TRANSFORM_FEATURES],
+            label_key=transform.LABEL_ID_KEY,
+            prediction_key="probabilities")],
+        slicing_specs=overall,
+        metrics_specs=[
+            tfma.MetricsSpec(metrics=[
+                tfma.MetricConfig(class_name="ExampleCount"),
+                tfma.MetricConfig(
+                    class_name="SparseCategoricalAccuracy",
+                    config=json.dumps({"name": ACCURACY}),
+                    per_slice_thresholds=[tfma.PerSliceMetricThreshold(
+                        slicing_specs=overall, threshold=blessing)]),
+                tfma.MetricConfig(class_name="SparseTopKCategoricalAccuracy",
+                                  config=json.dumps({"k": top_k, "name": TOP_K_ACCURACY})),
+                tfma.MetricConfig(class_name="MultiClassConfusionMatrixPlot"),
+            ]),
+            tfma.MetricsSpec(
+                binarize=tfma.BinarizationOptions(class_ids={"values": list(range(num_classes))}),
+                metrics=[tfma.MetricConfig(class_name=name, config=json.dumps(per_class))
+                         for name in ("Precision", "Recall", "F1Score")]),
+        ])

@@ -1,0 +1,151 @@
+"""Builds the classifier: uint8 pixels -> augmentation -> backbone scaling -> backbone -> head.
+
+Scaling and ``preprocess_input`` live inside the model, not in Transform: the
+transformed data stays compact uint8, and a SavedModel can never be served with
+pixels scaled for another backbone.
+
+Fine-tuning policies (``PhaseConfig.backbone``) decide which backbone layers
+train.  BatchNorm layers of a pretrained backbone never train and always run in
+inference mode: with a few dozen images per class, a batch's statistics are far
+noisier than the ImageNet ones the following layers were trained against, and
+updating them wrecks the pretrained features in the first steps (keras-io,
+"Transfer learning & fine-tuning").  A backbone trained from scratch
+(``weights: none``) has no statistics to protect, so its BatchNorm trains.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+from components import keras_env  # noqa: F401
+import tensorflow as tf
+import tf_keras
+
+from components import backbones
+from pipeline import configs
+
+BACKBONE_LAYER_NAME = "backbone"
+OUTPUT_LAYER_NAME = "probabilities"
+
+
+@tf_keras.utils.register_keras_serializable(package="visiontune")
+class BackbonePreprocess(tf_keras.layers.Layer):
+    """Casts uint8 pixels to float and applies the backbone's own ``preprocess_input``."""
+
+    def __init__(self, backbone_name: str, **kwargs):
+        super().__init__(**kwargs)
+        self.backbone_name = backbone_name
+        self._fn = backbones.get_backbone(backbone_name).preprocess_input
+
+    def call(self, inputs):
+        return self._fn(tf.cast(inputs, self.compute_dtype))
+
+    def get_config(self):
+        return {**super().get_config(), "backbone_name": self.backbone_name}
+
+
+def create_augmentation(aug: configs.AugmentationConfig, seed: int) -> tf_keras.Sequential:
+    """Random transforms, active only when the model is called with ``training=True``."""
+    L = tf_keras.layers
+    layers: List[tf_keras.layers.Layer] = []
+    mode = {(True, True): "horizontal_and_vertical", (True, False): "horizontal",
+            (False, True): "vertical"}.get((aug.horizontal_flip, aug.vertical_flip))
+    if mode:
+        layers.append(L.RandomFlip(mode, seed=seed))
+    if aug.rotation:
+        layers.append(L.RandomRotation(aug.rotation, fill_mode="reflect", seed=seed))
+    if aug.zoom:
+        layers.append(L.RandomZoom(aug.zoom, fill_mode="reflect", seed=seed))
+    if aug.translation:
+        layers.append(L.RandomTranslation(aug.translation, aug.translation, fill_mode="reflect", seed=seed))
+    if aug.brightness:
+        layers.append(L.RandomBrightness(aug.brightness, value_range=(0, 255), seed=seed))
+    if aug.contrast:
+        layers.append(L.RandomContrast(aug.contrast, seed=seed))
+    return tf_keras.Sequential(layers, name="augmentation")
+
+
+def create_model(model_cfg: configs.ModelConfig, num_classes: int,
+                 augmentation: configs.AugmentationConfig = configs.AugmentationConfig(),
+                 seed: int = 42) -> tf_keras.Model:
+    """The classifier, taking ``[batch, size, size, 3]`` uint8 pixels, returning probabilities."""
+    size = backbones.input_size(model_cfg.backbone, model_cfg.image_size)
+    pretrained = backbones.resolve_weights(model_cfg.weights) is not None
+    base = backbones.create_backbone(model_cfg.backbone, size, model_cfg.weights, model_cfg.alpha)
+    base._name = BACKBONE_LAYER_NAME  # a stable name the fine-tuning policies look up
+
+    inputs = tf_keras.Input(shape=(size, size, 3), dtype=tf.uint8, name="image")
+    # Rescaling(1) is just a cast to float that every Keras version serializes.
+    x = tf_keras.layers.Rescaling(1.0, name="to_float")(inputs)
+    augment = create_augmentation(augmentation, seed)
+    if augment.layers:
+        x = augment(x)
+    x = BackbonePreprocess(model_cfg.backbone, name="preprocess")(x)
+    # training=False keeps a pretrained backbone's BatchNorm in inference mode even
+    # when its other layers are unfrozen; a scratch backbone lets Keras decide.
+    x = base(x, training=False if pretrained else None)
+    head = model_cfg.head
+    pool = {"avg": tf_keras.layers.GlobalAveragePooling2D, "max": tf_keras.layers.GlobalMaxPooling2D}
+    if head.pooling not in pool:
+        raise ValueError(f"model.head.pooling: expected avg or max, got {head.pooling!r}")
+    x = pool[head.pooling](name="pool")(x)
+    for i, units in enumerate(head.dense_units):
+        x = tf_keras.layers.Dense(units, activation=head.activation, name=f"head_dense_{i}")(x)
+        if head.dropout:
+            x = tf_keras.layers.Dropout(head.dropout, seed=seed, name=f"head_dropout_{i}")(x)
+    if not head.dense_units and head.dropout:
+        x = tf_keras.layers.Dropout(head.dropout, seed=seed, name="head_dropout")(x)
+    # float32 output even under mixed precision: softmax in float16 saturates.
+    outputs = tf_keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
+                                    name=OUTPUT_LAYER_NAME)(x)
+    model = tf_keras.Model(inputs, outputs, name=f"visiontune_{model_cfg.backbone}")
+    model.pretrained_backbone = pretrained
+    return model
+
+
+def get_backbone_model(model: tf_keras.Model) -> tf_keras.Model:
+    return model.get_layer(BACKBONE_LAYER_NAME)
+
+
+def is_batch_norm(layer: tf_keras.layers.Layer) -> bool:
+    return isinstance(layer, (tf_keras.layers.BatchNormalization,
+                              tf_keras.layers.experimental.SyncBatchNormalization))
+
+
+def apply_fine_tune_policy(model: tf_keras.Model, policy: str, layers: int = 0,
+                           freeze_batch_norm: bool = True) -> List[str]:
+    """Sets which backbone layers train; returns the names of the trainable ones.
+
+    ``layers`` counts the backbone's own layers (``backbone.layers``), BatchNorm
+    included, as the tutorials' "last 8 layers" do; BatchNorm layers in that
+    range still stay frozen.  The head always trains.  Recompile afterwards.
+    """
+    base = get_backbone_model(model)
+    all_layers = base.layers
+    if policy == "frozen":
+        chosen: Sequence = []
+    elif policy == "all":
+        chosen = all_layers
+    elif policy == "freeze_first":
+        chosen = all_layers[layers:]
+    elif policy == "train_last":
+        chosen = all_layers[-layers:] if layers else []
+    else:
+        raise ValueError(f"unknown fine-tuning policy {policy!r}")
+    chosen_ids = {id(layer) for layer in chosen}
+    # A frozen container hides every sublayer's weights from the optimizer, so
+    # the backbone itself must be trainable for per-layer switches to count.
+    base.trainable = bool(chosen_ids)
+    trainable = []
+    for layer in all_layers:
+        train = id(layer) in chosen_ids and not (freeze_batch_norm and is_batch_norm(layer))
+        layer.trainable = train
+        if train and layer.weights:
+            trainable.append(layer.name)
+    return trainable
+
+
+def count_params(model: tf_keras.Model) -> dict:
+    trainable = sum(int(tf.size(w)) for w in model.trainable_weights)
+    total = sum(int(tf.size(w)) for w in model.weights)
+    return {"trainable": trainable, "non_trainable": total - trainable, "total": total}

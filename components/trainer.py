@@ -1,0 +1,236 @@
+"""Trainer module: fine-tunes a backbone on the transformed examples (``run_fn``).
+
+Two phases, each a ``model.fit``: a head warm-up with the backbone frozen (so
+the randomly initialised head does not send large gradients into pretrained
+layers), then fine-tuning of the layers the config unfreezes at a lower
+learning rate.  Each phase has its own ``BackupAndRestore`` folder outside the
+execution's output, keyed by the inputs and settings, so a killed Trainer run
+again on the same inputs resumes at the last finished epoch instead of
+starting over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from components import keras_env  # noqa: F401
+import tensorflow as tf
+import tensorflow_transform as tft
+import tf_keras
+
+from components import backbones, model as model_lib, signatures, strategy as strategy_lib, transform
+from pipeline import configs
+
+HISTORY_FILE = "history.json"
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+# --------------------------------------------------------------------------- data
+
+def _list_files(patterns: Sequence[str]) -> List[str]:
+    files = sorted(f for p in patterns for f in tf.io.gfile.glob(p))
+    if not files:
+        raise FileNotFoundError(f"no transformed examples match {list(patterns)}")
+    return files
+
+
+def _fits_in_memory(files: Sequence[str], fraction: float = 0.25) -> bool:
+    """Whether decoded pixels (about 2x the gzipped records) fit in a share of RAM."""
+    size = sum(tf.io.gfile.stat(f).length for f in files) * 2
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return False
+    return size < ram * fraction
+
+
+def create_dataset(file_patterns: Sequence[str], image_size: int, batch_size: int, *,
+                   training: bool, seed: int = 42, num_classes: int = 0,
+                   one_hot: bool = False, cache: Optional[bool] = None) -> tf.data.Dataset:
+    """``(pixels uint8 [b,s,s,3], label)`` batches from transformed TFRecords.
+
+    Records are parsed and decoded in parallel, cached in memory after decoding
+    when they fit (so later epochs read no files), shuffled after the cache (a
+    new order every epoch) and prefetched, so the model never waits on input.
+    """
+    files = _list_files(file_patterns)
+    spec = {transform.PIXELS_KEY: tf.io.FixedLenFeature([], tf.string),
+            transform.LABEL_ID_KEY: tf.io.FixedLenFeature([], tf.int64)}
+
+    def parse(record):
+        features = tf.io.parse_single_example(record, spec)
+        pixels = transform.decode_pixels_one(features[transform.PIXELS_KEY], image_size)
+        label = features[transform.LABEL_ID_KEY]
+        if one_hot:
+            label = tf.one_hot(label, num_classes)
+        return pixels, label
+
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
+                       cycle_length=min(len(files), 8), num_parallel_calls=AUTOTUNE,
+                       deterministic=True)
+    ds = ds.map(parse, num_parallel_calls=AUTOTUNE)
+    if cache if cache is not None else _fits_in_memory(files):
+        ds = ds.cache()
+    if training:
+        ds = ds.shuffle(4096, seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(AUTOTUNE)
+
+
+# --------------------------------------------------------------------------- training
+
+def create_optimizer(name: str, learning_rate: float, weight_decay: float = 0.0):
+    opt = tf_keras.optimizers
+    name = name.lower()
+    if name == "adam":
+        return opt.Adam(learning_rate)
+    if name == "adamw":
+        return opt.AdamW(learning_rate, weight_decay=weight_decay or 1e-4)
+    if name == "sgd":
+        return opt.SGD(learning_rate, momentum=0.9, nesterov=True)
+    if name == "rmsprop":
+        return opt.RMSprop(learning_rate)
+    raise ValueError(f"training.optimizer: unknown optimizer {name!r}; known: adam, adamw, sgd, rmsprop")
+
+
+class EpochTimer(tf_keras.callbacks.Callback):
+    """Records wall time per epoch and per step (the reports and benchmarks read it)."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+        self._steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        elapsed = time.perf_counter() - self._start
+        if logs is not None:
+            logs["epoch_seconds"] = elapsed
+            logs["step_seconds"] = elapsed / max(self._steps, 1)
+            lr = self.model.optimizer.learning_rate
+            logs["learning_rate"] = float(tf_keras.backend.get_value(lr))
+
+
+def _callbacks(train: configs.TrainingConfig, backup_dir: str, log_dir: str) -> list:
+    cbs = [EpochTimer(),
+           tf_keras.callbacks.BackupAndRestore(backup_dir),
+           tf_keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch", profile_batch=0)]
+    if train.reduce_lr_patience:
+        cbs.append(tf_keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=train.reduce_lr_factor, patience=train.reduce_lr_patience,
+            min_lr=1e-7, verbose=1))
+    if train.early_stopping_patience:
+        cbs.append(tf_keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=train.early_stopping_patience, restore_best_weights=True,
+            verbose=1))
+    return cbs
+
+
+def _compile(model, train: configs.TrainingConfig, phase: configs.PhaseConfig, top_k: int) -> None:
+    if train.label_smoothing:
+        loss = tf_keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing)
+        metrics = [tf_keras.metrics.CategoricalAccuracy(name="accuracy"),
+                   tf_keras.metrics.TopKCategoricalAccuracy(k=top_k, name="top_k_accuracy")]
+    else:
+        loss = tf_keras.losses.SparseCategoricalCrossentropy()
+        metrics = [tf_keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                   tf_keras.metrics.SparseTopKCategoricalAccuracy(k=top_k, name="top_k_accuracy")]
+    model.compile(optimizer=create_optimizer(train.optimizer, phase.learning_rate, train.weight_decay),
+                  loss=loss, metrics=metrics)
+
+
+def fit_phases(model: tf_keras.Model, config: configs.Config, train_ds, eval_ds,
+               state_dir: str, log_dir: str) -> List[Dict[str, Any]]:
+    """Runs warm-up then fine-tuning; returns one history row per epoch."""
+    train = config.training
+    top_k = max(1, min(config.evaluation.top_k, model.output_shape[-1]))
+    history: List[Dict[str, Any]] = []
+    epoch = 0
+    steps = train.steps_per_epoch or None
+    for name in ("warmup", "fine_tune"):
+        phase: configs.PhaseConfig = getattr(train, name)
+        if phase.epochs <= 0:
+            continue
+        done_marker = os.path.join(state_dir, f"{name}.done.weights.h5")
+        trainable = model_lib.apply_fine_tune_policy(
+            model, phase.backbone, phase.layers, freeze_batch_norm=model.pretrained_backbone)
+        _compile(model, train, phase, top_k)
+        if tf.io.gfile.exists(done_marker):
+            # A previous attempt finished this phase before it was killed.
+            model.load_weights(done_marker)
+            history.extend(json.loads(tf.io.gfile.GFile(done_marker + ".json").read()))
+            epoch += phase.epochs
+            logging.info("phase %s already done in %s; resumed from it", name, state_dir)
+            continue
+        counts = model_lib.count_params(model)
+        logging.info("phase %s: %d epochs, lr %g, backbone %s (%d layers train), params %s",
+                     name, phase.epochs, phase.learning_rate, phase.backbone, len(trainable), counts)
+        result = model.fit(train_ds, validation_data=eval_ds, epochs=epoch + phase.epochs,
+                           initial_epoch=epoch, steps_per_epoch=steps,
+                           callbacks=_callbacks(train, os.path.join(state_dir, name), log_dir),
+                           verbose=2)
+        rows = [{"phase": name, "epoch": e + 1, **{k: float(v[i]) for k, v in result.history.items()},
+                 "trainable_params": counts["trainable"]}
+                for i, e in enumerate(result.epoch)]
+        history.extend(rows)
+        model.save_weights(done_marker)
+        with tf.io.gfile.GFile(done_marker + ".json", "w") as f:
+            json.dump(rows, f)
+        epoch += phase.epochs
+    return history
+
+
+def state_key(fn_args, custom_config: Dict[str, Any]) -> str:
+    """Same inputs and settings -> same key -> a rerun resumes the killed one."""
+    payload = json.dumps([sorted(fn_args.train_files), sorted(fn_args.eval_files),
+                          fn_args.transform_output, custom_config], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def run_fn(fn_args) -> None:
+    """TFX Trainer entry point (``custom_config``: ``config``, ``classes``, ``state_root``)."""
+    custom = fn_args.custom_config
+    config = configs.from_dict(configs.Config, custom["config"])
+    classes = list(custom["classes"])
+    train = config.training
+    tf_keras.utils.set_random_seed(train.seed)
+
+    strategy, strategy_desc = strategy_lib.create_strategy(train.tpu)
+    precision = strategy_lib.configure_precision(strategy, train.mixed_precision)
+    size = backbones.input_size(config.model.backbone, config.model.image_size)
+    tf_transform_output = tft.TFTransformOutput(fn_args.transform_output)
+
+    one_hot = train.label_smoothing > 0
+    data_kw = dict(image_size=size, batch_size=train.batch_size, seed=train.seed,
+                   num_classes=len(classes), one_hot=one_hot)
+    train_ds = create_dataset(fn_args.train_files, training=True, **data_kw)
+    eval_ds = create_dataset(fn_args.eval_files, training=False, **data_kw)
+
+    with strategy.scope():
+        model = model_lib.create_model(config.model, len(classes), train.augmentation, train.seed)
+    state_dir = os.path.join(custom["state_root"], state_key(fn_args, custom))
+    start = time.time()
+    with strategy.scope():
+        history = fit_phases(model, config, train_ds, eval_ds, state_dir, fn_args.model_run_dir)
+    train_seconds = time.time() - start
+
+    counts = model_lib.count_params(model)
+    metadata = {
+        "backbone": config.model.backbone, "weights": config.model.weights,
+        "alpha": config.model.alpha, "params": counts, "strategy": strategy_desc,
+        "precision": precision, "devices": [d.name for d in tf.config.list_logical_devices()],
+        "train_seconds": train_seconds, "epochs_run": len(history),
+    }
+    with tf.io.gfile.GFile(os.path.join(fn_args.model_run_dir, HISTORY_FILE), "w") as f:
+        json.dump({"history": history, **metadata}, f, indent=2)
+    tf_keras.mixed_precision.set_global_policy("float32")
+    signatures.export_saved_model(model, tf_transform_output, classes, size,
+                                  fn_args.serving_model_dir, metadata)
+    # The finished model is exported: the resume state is no longer needed.
+    tf.io.gfile.rmtree(state_dir)

@@ -1,0 +1,158 @@
+"""What a pipeline run produced, read back from ML Metadata and TFMA's output.
+
+The run ends by telling the user where the pushed model is, or why nothing
+was pushed (which blessing check failed, with the numbers), and the evaluation
+with class names rather than TFMA's class ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+from components import keras_env  # noqa: F401
+import ml_metadata as mlmd
+from ml_metadata.proto import metadata_store_pb2
+
+
+@dataclasses.dataclass
+class ClassMetrics:
+    name: str
+    precision: float
+    recall: float
+    f1: float
+
+
+@dataclasses.dataclass
+class RunSummary:
+    pushed: bool
+    pushed_dir: str = ""
+    blessed: bool = False
+    reasons: List[str] = dataclasses.field(default_factory=list)
+    model_dir: str = ""
+    evaluation_dir: str = ""
+    metrics: Dict[str, float] = dataclasses.field(default_factory=dict)
+    per_class: List[ClassMetrics] = dataclasses.field(default_factory=list)
+    baseline_metrics: Dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def message(self) -> str:
+        lines = []
+        if self.metrics:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(self.metrics.items()))
+            lines.append(f"evaluation: {shown}")
+        if self.baseline_metrics:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(self.baseline_metrics.items()))
+            lines.append(f"baseline (last blessed model): {shown}")
+        if self.per_class:
+            worst = sorted(self.per_class, key=lambda c: c.f1)[:5]
+            lines.append("lowest F1: " + ", ".join(f"{c.name} {c.f1:.3f}" for c in worst))
+        if self.pushed:
+            lines.append(f"pushed: {self.pushed_dir}")
+        else:
+            why = "; ".join(self.reasons) or "the model was not blessed"
+            lines.append(f"not pushed: {why}")
+        return "\n".join(lines)
+
+    def to_json(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _store(metadata_path: str) -> mlmd.MetadataStore:
+    config = metadata_store_pb2.ConnectionConfig()
+    config.sqlite.filename_uri = metadata_path
+    config.sqlite.connection_mode = metadata_store_pb2.SqliteMetadataSourceConfig.READONLY
+    return mlmd.MetadataStore(config)
+
+
+def _latest(store: mlmd.MetadataStore, type_name: str) -> Optional[metadata_store_pb2.Artifact]:
+    artifacts = [a for a in store.get_artifacts_by_type(type_name)
+                 if a.state == metadata_store_pb2.Artifact.LIVE]
+    return max(artifacts, key=lambda a: a.id) if artifacts else None
+
+
+def _prop(artifact, name: str, default=None):
+    if name in artifact.custom_properties:
+        value = artifact.custom_properties[name]
+        return getattr(value, value.WhichOneof("value"))
+    if name in artifact.properties:
+        value = artifact.properties[name]
+        return getattr(value, value.WhichOneof("value"))
+    return default
+
+
+def read_metrics(evaluation_uri: str, classes: List[str]):
+    """Overall metrics, per-class metrics (with names) and baseline metrics of a ModelEvaluation."""
+    import tensorflow_model_analysis as tfma
+
+    overall: Dict[str, float] = {}
+    baseline: Dict[str, float] = {}
+    per_class: Dict[int, Dict[str, float]] = {}
+    try:
+        result = tfma.load_metrics(evaluation_uri)
+    except Exception:  # noqa: BLE001 - no metrics written: the Evaluator failed
+        return overall, [], baseline
+    for slice_metrics in result:
+        if slice_metrics.slice_key.single_slice_keys:
+            continue  # only the overall slice is reported here
+        for kv in slice_metrics.metric_keys_and_values:
+            key = kv.key
+            if key.is_diff or not kv.value.HasField("double_value"):
+                continue
+            value = kv.value.double_value.value
+            is_baseline = key.model_name == "baseline"
+            if key.sub_key.HasField("class_id"):
+                if not is_baseline:
+                    per_class.setdefault(key.sub_key.class_id.value, {})[key.name] = value
+            else:
+                (baseline if is_baseline else overall)[key.name] = value
+    rows = [ClassMetrics(name=classes[i] if i < len(classes) else str(i),
+                         precision=m.get("precision", 0.0), recall=m.get("recall", 0.0),
+                         f1=m.get("f1_score", 0.0))
+            for i, m in sorted(per_class.items())]
+    return overall, rows, baseline
+
+
+def blessing_failures(evaluation_uri: str) -> List[str]:
+    import tensorflow_model_analysis as tfma
+
+    try:
+        validation = tfma.load_validation_result(evaluation_uri)
+    except Exception as e:  # noqa: BLE001 - reported to the user as the reason
+        return [f"no validation result in {evaluation_uri}: {e}"]
+    reasons = []
+    for failure in validation.metric_validations_per_slice:
+        for f in failure.failures:
+            reasons.append(f"{f.metric_key.name} {f.metric_value.double_value.value:.4f} "
+                           f"failed {f.metric_threshold}".replace("\n", " "))
+    return reasons
+
+
+def summarize_run(metadata_path: str, pipeline_name: str = "") -> RunSummary:
+    store = _store(metadata_path)
+    pushed = _latest(store, "PushedModel")
+    blessing = _latest(store, "ModelBlessing")
+    evaluation = _latest(store, "ModelEvaluation")
+    model = _latest(store, "Model")
+    summary = RunSummary(pushed=bool(pushed and _prop(pushed, "pushed", 0)))
+    if pushed is not None:
+        summary.pushed_dir = _prop(pushed, "pushed_destination", "") or ""
+    if blessing is not None:
+        summary.blessed = bool(_prop(blessing, "blessed", 0))
+    if model is not None:
+        summary.model_dir = os.path.join(model.uri, "Format-Serving")
+    classes: List[str] = []
+    if model is not None:
+        meta = os.path.join(summary.model_dir, "assets.extra", "visiontune.json")
+        if os.path.exists(meta):
+            with open(meta) as f:
+                classes = json.load(f).get("classes", [])
+    if evaluation is not None:
+        summary.evaluation_dir = evaluation.uri
+        summary.metrics, summary.per_class, summary.baseline_metrics = read_metrics(evaluation.uri, classes)
+        if not summary.blessed:
+            summary.reasons = blessing_failures(evaluation.uri)
+    if blessing is None:
+        summary.reasons = ["the pipeline stopped before the Evaluator"]
+    return summary

@@ -1,0 +1,33 @@
+"""visiontune: fine-tune ImageNet-pretrained Keras backbones with TFX and serve them."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="visiontune",
+    version="0.1.0",
+    description="A TFX pipeline that fine-tunes keras.applications backbones on your images "
+                "and pushes them to TF Serving",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9,<3.11",
+    packages=find_packages(include=["visiontune", "visiontune.*", "pipeline", "pipeline.*",
+                                    "components", "components.*", "serving", "serving.*"]),
+    package_data={"visiontune": ["configs/*.yaml"]},
+    install_requires=[
+        # The TFX 1.16 stack; exact versions of everything are pinned in constraints.txt.
+        "tfx[kfp]==1.16.0",
+        "tensorflow==2.16.2",
+        "tf-keras==2.16.0",
+        "tensorflow-transform==1.16.0",
+        "tensorflow-model-analysis==0.47.1",
+        "apache-beam==2.74.0",
+        # Beam 2.74 made dill optional, but TensorFlow Transform imports it.
+        "dill",
+        "tensorflow-serving-api==2.16.1",
+        "pillow",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest", "scikit-learn"]},
+    entry_points={"console_scripts": ["visiontune=visiontune.cli:main"]},
+)
