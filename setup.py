@@ -27,6 +27,7 @@ setup(
         "pillow",
         "pyyaml",
         "tqdm",
+        "scikit-learn",  # the demo's bundled digits
     ],
     extras_require={"test": ["pytest", "scikit-learn"]},
     entry_points={"console_scripts": ["visiontune=visiontune.cli:main"]},

@@ -26,6 +26,7 @@ from pipeline import configs
 
 BACKBONE_LAYER_NAME = "backbone"
 OUTPUT_LAYER_NAME = "probabilities"
+SCRATCH_BN_MOMENTUM = 0.9
 
 
 @tf_keras.utils.register_keras_serializable(package="visiontune")
@@ -73,6 +74,13 @@ def create_model(model_cfg: configs.ModelConfig, num_classes: int,
     pretrained = backbones.resolve_weights(model_cfg.weights) is not None
     base = backbones.create_backbone(model_cfg.backbone, size, model_cfg.weights, model_cfg.alpha)
     base._name = BACKBONE_LAYER_NAME  # a stable name the fine-tuning policies look up
+    if not pretrained:
+        # Keras' backbones average BatchNorm statistics with momentum up to 0.999,
+        # tuned for ImageNet's millions of steps; a few hundred steps from scratch
+        # would leave inference-time statistics mostly at their initial values.
+        for layer in base.layers:
+            if is_batch_norm(layer):
+                layer.momentum = SCRATCH_BN_MOMENTUM
 
     inputs = tf_keras.Input(shape=(size, size, 3), dtype=tf.uint8, name="image")
     # Rescaling(1) is just a cast to float that every Keras version serializes.

@@ -180,6 +180,24 @@ def read_classes(prepared_dir: str) -> List[str]:
         raise PrepareError(f"{path}: no class list; run `visiontune prepare` first") from None
 
 
+def is_prepared(prepared_dir: str) -> bool:
+    """Whether ``prepared_dir`` holds a finished dataset (the summary is written last)."""
+    return os.path.isfile(os.path.join(prepared_dir, SUMMARY_FILE))
+
+
+def load_result(prepared_dir: str) -> PrepareResult:
+    """The ``PrepareResult`` of an earlier ``prepare_dataset`` into ``prepared_dir``."""
+    with open(os.path.join(prepared_dir, SUMMARY_FILE), encoding="utf-8") as f:
+        summary = json.load(f)
+    rejects: List[Tuple[str, str]] = []
+    rejects_path = os.path.join(prepared_dir, REJECTS_FILE)
+    if os.path.exists(rejects_path):
+        with open(rejects_path, encoding="utf-8", newline="") as f:
+            rejects = [(row["file"], row["reason"]) for row in csv.DictReader(f)]
+    return PrepareResult(output_dir=prepared_dir, classes=read_classes(prepared_dir),
+                         counts=summary["counts"], rejects=rejects)
+
+
 def natural_key(name: str) -> Tuple:
     """Sort key putting "2" before "10" and "class2" before "class10".
 

@@ -146,7 +146,7 @@ def _compile(model, train: configs.TrainingConfig, phase: configs.PhaseConfig, t
 
 
 def fit_phases(model: tf_keras.Model, config: configs.Config, train_ds, eval_ds,
-               state_dir: str, log_dir: str) -> List[Dict[str, Any]]:
+               state_dir: str, log_dir: str, extra_callbacks: Sequence = ()) -> List[Dict[str, Any]]:
     """Runs warm-up then fine-tuning; returns one history row per epoch."""
     train = config.training
     top_k = max(1, min(config.evaluation.top_k, model.output_shape[-1]))
@@ -173,7 +173,8 @@ def fit_phases(model: tf_keras.Model, config: configs.Config, train_ds, eval_ds,
                      name, phase.epochs, phase.learning_rate, phase.backbone, len(trainable), counts)
         result = model.fit(train_ds, validation_data=eval_ds, epochs=epoch + phase.epochs,
                            initial_epoch=epoch, steps_per_epoch=steps,
-                           callbacks=_callbacks(train, os.path.join(state_dir, name), log_dir),
+                           callbacks=_callbacks(train, os.path.join(state_dir, name), log_dir)
+                           + list(extra_callbacks),
                            verbose=2)
         rows = [{"phase": name, "epoch": e + 1, **{k: float(v[i]) for k, v in result.history.items()},
                  "trainable_params": counts["trainable"]}

@@ -290,16 +290,16 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
         _resolve_paths(raw, os.path.dirname(os.path.abspath(path)))
     override_raw = apply_overrides({}, overrides)
     _resolve_paths(override_raw, os.getcwd())
-    _deep_merge(raw, override_raw)
+    deep_merge(raw, override_raw)
     config = from_dict(Config, raw, where=path or "config")
     validate(config)
     return config
 
 
-def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> None:
+def deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> None:
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _deep_merge(base[k], v)
+            deep_merge(base[k], v)
         else:
             base[k] = v
 

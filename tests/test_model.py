@@ -1,0 +1,92 @@
+"""Model factory and fine-tuning policies: exactly which layers train."""
+
+import pytest
+import tf_keras
+
+from components import backbones, model as model_lib
+from pipeline import configs
+from tests.conftest import MOBILENET_V2_035, require_shared
+
+
+def _model(weights="none", size=32, backbone="mobilenet_v2", alpha=0.35):
+    cfg = configs.ModelConfig(backbone=backbone, alpha=alpha, image_size=size, weights=weights)
+    return model_lib.create_model(cfg, num_classes=5)
+
+
+def _trainable_backbone_layers(model):
+    return [l.name for l in model_lib.get_backbone_model(model).layers if l.trainable and l.weights]
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    return _model(weights=require_shared(MOBILENET_V2_035), size=64)
+
+
+def test_frozen_trains_only_the_head(pretrained):
+    model_lib.apply_fine_tune_policy(pretrained, "frozen")
+    assert _trainable_backbone_layers(pretrained) == []
+    names = {w.name.split("/")[0] for w in pretrained.trainable_weights}
+    assert names == {"head_dense_0", "probabilities"}
+
+
+def test_train_last_n_counts_backbone_layers_and_keeps_batchnorm_frozen(pretrained):
+    base = model_lib.get_backbone_model(pretrained)
+    trained = model_lib.apply_fine_tune_policy(pretrained, "train_last", 8)
+    last8 = base.layers[-8:]
+    expected = [l.name for l in last8 if l.weights and not model_lib.is_batch_norm(l)]
+    assert trained == expected and expected  # block_16 depthwise/project, Conv_1
+    assert _trainable_backbone_layers(pretrained) == expected
+    assert any(model_lib.is_batch_norm(l) for l in last8)
+    assert all(not l.trainable for l in base.layers if model_lib.is_batch_norm(l))
+
+
+def test_freeze_first_n_and_all(pretrained):
+    base = model_lib.get_backbone_model(pretrained)
+    trained = model_lib.apply_fine_tune_policy(pretrained, "freeze_first", 100)
+    assert trained == [l.name for l in base.layers[100:] if l.weights and not model_lib.is_batch_norm(l)]
+    trained_all = model_lib.apply_fine_tune_policy(pretrained, "all")
+    assert set(trained) < set(trained_all)
+    assert all(not model_lib.is_batch_norm(base.get_layer(n)) for n in trained_all)
+
+
+def test_pretrained_batchnorm_runs_in_inference_mode(pretrained):
+    """Even with every layer unfrozen, a training step must not move BN statistics."""
+    import numpy as np
+
+    model_lib.apply_fine_tune_policy(pretrained, "all")
+    bn = next(l for l in model_lib.get_backbone_model(pretrained).layers if model_lib.is_batch_norm(l))
+    before = [w.numpy().copy() for w in bn.weights]
+    pretrained.compile(optimizer=tf_keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    x = np.random.RandomState(0).randint(0, 255, (4, 64, 64, 3)).astype("uint8")
+    pretrained.train_on_batch(x, np.array([0, 1, 2, 3]))
+    for b, w in zip(before, bn.weights):
+        assert np.array_equal(b, w.numpy()), w.name
+
+
+def test_scratch_backbone_trains_its_batchnorm():
+    model = _model(weights="none")
+    trained = model_lib.apply_fine_tune_policy(model, "all", freeze_batch_norm=False)
+    assert any(model_lib.is_batch_norm(model_lib.get_backbone_model(model).get_layer(n)) for n in trained)
+
+
+def test_imagenet_weights_load_from_a_path_at_any_size():
+    model = _model(weights=require_shared(MOBILENET_V2_035), size=96)
+    assert model_lib.count_params(model)["total"] > 410_208
+
+
+@pytest.mark.parametrize("name", sorted(backbones.BACKBONES))
+def test_every_registered_backbone_builds_with_its_own_preprocessing(name):
+    size = max(backbones.get_backbone(name).min_size, 32)
+    model = model_lib.create_model(configs.ModelConfig(backbone=name, weights="none", image_size=size,
+                                                       alpha=0.35 if "mobilenet" in name else 1.0), 3)
+    assert model.output_shape == (None, 3)
+    assert model.get_layer("preprocess").backbone_name == name
+
+
+def test_bad_settings_fail_clearly():
+    with pytest.raises(ValueError, match="unknown backbone 'resnet9000'"):
+        backbones.get_backbone("resnet9000")
+    with pytest.raises(FileNotFoundError, match="no such weights file"):
+        backbones.resolve_weights("/nope/weights.h5")
+    with pytest.raises(ValueError, match="at least 75 px"):
+        backbones.input_size("inception_v3", 64)

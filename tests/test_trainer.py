@@ -1,0 +1,154 @@
+"""Trainer and the exported SavedModel's signatures, on a real Transform output."""
+
+import glob
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+from PIL import Image
+from tfx.components.trainer import fn_args_utils
+
+from components import signatures, trainer
+from pipeline import configs
+from tests.conftest import MOBILENET_V2_035, SHAPE_CLASSES
+
+
+def _config(**training):
+    weights = MOBILENET_V2_035 if os.path.exists(MOBILENET_V2_035) else "none"
+    return configs.from_dict(configs.Config, {
+        "model": {"backbone": "mobilenet_v2", "alpha": 0.35, "image_size": 32, "weights": weights,
+                  "head": {"dense_units": [16], "dropout": 0.1}},
+        "training": {"batch_size": 8, "warmup": {"epochs": 1, "learning_rate": 0.01},
+                     "fine_tune": {"epochs": 1, "learning_rate": 0.001, "backbone": "train_last",
+                                   "layers": 8},
+                     "early_stopping_patience": 0, **training},
+        "evaluation": {"top_k": 2},
+    })
+
+
+def _fn_args(tmp, transformed, config, classes):
+    tft_dir, transformed_dir, _, _ = transformed
+    return fn_args_utils.FnArgs(
+        train_files=[os.path.join(transformed_dir, "train*")],
+        eval_files=[os.path.join(transformed_dir, "eval*")],
+        transform_output=tft_dir,
+        serving_model_dir=os.path.join(tmp, "serving_model"),
+        model_run_dir=os.path.join(tmp, "model_run"),
+        custom_config={"config": configs.to_dict(config), "classes": classes,
+                       "state_root": os.path.join(tmp, "state")})
+
+
+@pytest.fixture(scope="module")
+def exported(shapes_transformed, tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("trainer"))
+    config = _config()
+    fn_args = _fn_args(tmp, shapes_transformed, config, SHAPE_CLASSES)
+    trainer.run_fn(fn_args)
+    return fn_args
+
+
+def _png(image):
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _eval_examples(shapes_prepared):
+    files = sorted(glob.glob(os.path.join(shapes_prepared.output_dir, "eval", "*")))
+    return [r.numpy() for r in tf.data.TFRecordDataset(files)]
+
+
+def test_export_has_tf_serving_layout_and_metadata(exported):
+    model_dir = exported.serving_model_dir
+    assert os.path.exists(os.path.join(model_dir, "saved_model.pb"))
+    loaded = tf.saved_model.load(model_dir)
+    assert set(loaded.signatures) == {"serving_default", "serving_examples", "transform_features"}
+    meta = signatures.read_metadata(model_dir)
+    assert meta["classes"] == SHAPE_CLASSES and meta["image_size"] == 32
+    history = json.load(open(os.path.join(exported.model_run_dir, trainer.HISTORY_FILE)))
+    assert [r["phase"] for r in history["history"]] == ["warmup", "fine_tune"]
+    assert all(r["epoch_seconds"] > 0 for r in history["history"])
+    # The resume state is cleaned up once the model is exported.
+    assert not glob.glob(os.path.join(exported.custom_config["state_root"], "*"))
+
+
+def test_both_signatures_give_the_same_probabilities(exported, shapes_prepared):
+    loaded = tf.saved_model.load(exported.serving_model_dir)
+    records = _eval_examples(shapes_prepared)[:6]
+    images = [tf.train.Example.FromString(r).features.feature["image"].bytes_list.value[0] for r in records]
+    by_bytes = loaded.signatures["serving_default"](image_bytes=tf.constant(images))
+    by_example = loaded.signatures["serving_examples"](examples=tf.constant(records))
+    np.testing.assert_allclose(by_bytes["probabilities"].numpy(), by_example["probabilities"].numpy(),
+                               rtol=1e-5, atol=1e-6)
+    assert by_bytes["probabilities"].shape == (6, 3)
+    names = [c.decode() for c in by_bytes["classes"].numpy()]
+    assert names == [SHAPE_CLASSES[i] for i in by_bytes["class_ids"].numpy()]
+
+
+def test_serving_default_accepts_png_and_jpeg_of_the_same_image(exported):
+    loaded = tf.saved_model.load(exported.serving_model_dir)
+    rgb = Image.new("RGB", (40, 40), (30, 60, 90))
+    jpeg = io.BytesIO()
+    rgb.save(jpeg, format="JPEG", quality=100)
+    out = loaded.signatures["serving_default"](image_bytes=tf.constant([_png(rgb), jpeg.getvalue()]))
+    probs = out["probabilities"].numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(probs[0], probs[1], atol=0.02)
+
+
+def test_transform_features_signature_gives_label_ids(exported, shapes_prepared):
+    loaded = tf.saved_model.load(exported.serving_model_dir)
+    records = _eval_examples(shapes_prepared)
+    out = loaded.signatures["transform_features"](examples=tf.constant(records))
+    labels = [tf.train.Example.FromString(r).features.feature["label"].bytes_list.value[0].decode()
+              for r in records]
+    assert out["label_id"].numpy().ravel().tolist() == [SHAPE_CLASSES.index(l) for l in labels]
+
+
+class _KillAt(tf_keras.callbacks.Callback):
+    """Stops training the way a killed process would: mid-run, without cleanup."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.kill_epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.kill_epoch:
+            raise KeyboardInterrupt("killed")
+
+
+class _Epochs(tf_keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.seen.append(epoch)
+
+
+def test_a_killed_trainer_resumes_where_it_stopped(shapes_transformed, tmp_path):
+    from components import model as model_lib
+
+    _, transformed_dir, classes, size = shapes_transformed
+    config = _config(warmup={"epochs": 1}, fine_tune={"epochs": 4, "backbone": "all"})
+    data = dict(image_size=size, batch_size=8, num_classes=3)
+    train_ds = trainer.create_dataset([os.path.join(transformed_dir, "train*")], training=True, **data)
+    eval_ds = trainer.create_dataset([os.path.join(transformed_dir, "eval*")], training=False, **data)
+    state = str(tmp_path / "state")
+
+    model = model_lib.create_model(config.model, 3)
+    with pytest.raises(KeyboardInterrupt):
+        # Warm-up is epoch 0; fine-tuning runs epochs 1-4 and is killed as epoch 3 starts.
+        trainer.fit_phases(model, config, train_ds, eval_ds, state, str(tmp_path / "logs"),
+                           extra_callbacks=[_KillAt(3)])
+
+    seen = _Epochs()
+    model = model_lib.create_model(config.model, 3)
+    history = trainer.fit_phases(model, config, train_ds, eval_ds, state, str(tmp_path / "logs"),
+                                 extra_callbacks=[seen])
+    assert seen.seen == [3, 4]  # warm-up not redone, fine-tuning epochs 1-2 not redone
+    assert [r["phase"] for r in history] == ["warmup", "fine_tune", "fine_tune"]
