@@ -266,8 +266,21 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {k} is not a section")
-        node[keys[-1]] = yaml.safe_load(text) if text != "" else ""
+        node[keys[-1]] = _parse_value(text)
     return raw
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value as YAML (numbers, lists, booleans), else the plain string.
+
+    Globs such as ``*/GT-*.csv`` are not valid YAML; they stay strings.
+    """
+    if text == "":
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:

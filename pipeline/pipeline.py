@@ -18,9 +18,10 @@ from typing import Dict, List, Optional, Sequence
 
 from components import keras_env  # noqa: F401
 from tfx import v1 as tfx
+from tfx.dsl.components.base import executor_spec
 from tfx.proto import example_gen_pb2
 
-from components import backbones, evaluation
+from components import backbones, evaluation, pusher
 from pipeline import configs
 
 COMPONENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "components")
@@ -104,18 +105,19 @@ def create_pipeline(
         eval_config=evaluation.create_eval_config(config.evaluation, len(classes)),
         example_splits=[config.evaluation.split])
 
-    pusher = tfx.components.Pusher(
+    pusher_component = tfx.components.Pusher(
         model=trainer.outputs["model"],
         model_blessing=evaluator.outputs["blessing"],
         push_destination=tfx.proto.PushDestination(
             filesystem=tfx.proto.PushDestination.Filesystem(
-                base_directory=os.path.join(config.pipeline.serving_dir, config.pipeline.model_name))))
+                base_directory=os.path.join(config.pipeline.serving_dir, config.pipeline.model_name))),
+        custom_executor_spec=executor_spec.ExecutorClassSpec(pusher.Executor))
 
     return tfx.dsl.Pipeline(
         pipeline_name=config.pipeline.name,
         pipeline_root=pipeline_root,
         components=[example_gen, statistics_gen, schema_gen, example_validator, transform,
-                    trainer, model_resolver, evaluator, pusher],
+                    trainer, model_resolver, evaluator, pusher_component],
         enable_cache=config.pipeline.enable_cache,
         metadata_connection_config=metadata_connection_config,
         beam_pipeline_args=beam_pipeline_args or [],

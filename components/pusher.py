@@ -1,0 +1,69 @@
+"""Pusher executor that does not push the same model twice.
+
+Re-running the pipeline on unchanged inputs reuses the cached Trainer output,
+but the Evaluator runs again (its baseline is now the last blessed model,
+which is this very model), and TFX's stock Pusher would copy the identical
+SavedModel to a new version folder each time.  TF Serving would then "upgrade"
+to a copy of what it already serves.  This executor compares the model with
+the newest pushed version and, when they are the same bytes, records that
+version as the push instead of making another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import Any, Dict, List, Optional
+
+from tfx import types
+from tfx.components.pusher import executor as pusher_executor
+from tfx.dsl.io import fileio
+from tfx.proto import pusher_pb2
+from tfx.types import artifact_utils, standard_component_specs
+from tfx.utils import proto_utils
+
+
+def model_digest(model_dir: str) -> str:
+    """Hash of ``saved_model.pb`` and the variables: what TF Serving would load."""
+    digest = hashlib.sha256()
+    paths = [os.path.join(model_dir, "saved_model.pb")]
+    variables = os.path.join(model_dir, "variables")
+    if fileio.exists(variables):
+        paths += sorted(os.path.join(variables, f) for f in fileio.listdir(variables))
+    for path in paths:
+        if not fileio.exists(path):
+            return ""
+        with fileio.open(path, "rb") as f:
+            digest.update(os.path.basename(path).encode())
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+def latest_version(base_directory: str) -> Optional[str]:
+    if not fileio.exists(base_directory):
+        return None
+    versions = [v.rstrip("/") for v in fileio.listdir(base_directory) if v.rstrip("/").isdigit()]
+    return max(versions, key=int) if versions else None
+
+
+class Executor(pusher_executor.Executor):
+    """TFX's filesystem Pusher, minus duplicate pushes of an unchanged model."""
+
+    def Do(self, input_dict: Dict[str, List[types.Artifact]], output_dict: Dict[str, List[types.Artifact]],
+           exec_properties: Dict[str, Any]) -> None:
+        destination = pusher_pb2.PushDestination()
+        proto_utils.json_to_proto(exec_properties[standard_component_specs.PUSH_DESTINATION_KEY],
+                                  destination)
+        if self.CheckBlessing(input_dict) and destination.WhichOneof("destination") == "filesystem":
+            base = destination.filesystem.base_directory
+            version = latest_version(base)
+            if version is not None:
+                pushed_dir = os.path.join(base, version)
+                if model_digest(self.GetModelPath(input_dict)) == model_digest(pushed_dir):
+                    model_push = artifact_utils.get_single_instance(
+                        output_dict[standard_component_specs.PUSHED_MODEL_KEY])
+                    logging.info("model is identical to pushed version %s; not pushed again", version)
+                    self._MarkPushed(model_push, pushed_destination=pushed_dir, pushed_version=version)
+                    return
+        super().Do(input_dict, output_dict, exec_properties)
