@@ -156,3 +156,18 @@ def summarize_run(metadata_path: str, pipeline_name: str = "") -> RunSummary:
     if blessing is None:
         summary.reasons = ["the pipeline stopped before the Evaluator"]
     return summary
+
+
+def component_timings(metadata_path: str) -> List[Dict[str, Any]]:
+    """Wall time of each component in the newest run: [{component, state, seconds}], in order run."""
+    store = _store(metadata_path)
+    names = {t.id: t.name.rsplit(".", 1)[-1] for t in store.get_execution_types()}
+    runs = [c for c in store.get_contexts_by_type("pipeline_run")]
+    if not runs:
+        return []
+    newest = max(runs, key=lambda c: c.create_time_since_epoch)
+    executions = sorted(store.get_executions_by_context(newest.id), key=lambda e: e.id)
+    return [{"component": names[e.type_id],
+             "state": metadata_store_pb2.Execution.State.Name(e.last_known_state),
+             "seconds": (e.last_update_time_since_epoch - e.create_time_since_epoch) / 1000.0}
+            for e in executions]

@@ -1,0 +1,95 @@
+"""Quality on the real task: the GTSRB config, scored as a client would see it.
+
+Runs the pipeline with ``configs/gtsrb.yaml`` (overrides with ``--set``), then
+sends all 2,000 official test images, whole (no ROI crop), through the pushed
+model's ``serving_default`` signature and reports accuracy, plus the wall time
+of every component.  Appends a row to BENCHMARKS.md.
+
+    .venv/bin/python benchmarks/gtsrb_quality.py [--set model.image_size=128 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from components import keras_env  # noqa: E402,F401
+
+MARKER = "<!-- gtsrb_quality rows -->"
+
+
+def client_accuracy(model_dir: str, images_dir: str, labels_csv: str, batch: int = 100) -> float:
+    import numpy as np
+    import tensorflow as tf
+
+    from serving.images import encode_for_serving
+
+    model = tf.saved_model.load(model_dir)
+    predict = model.signatures["serving_default"]
+    with open(labels_csv) as f:
+        rows = list(csv.DictReader(f, delimiter=";"))
+    correct = 0
+    for i in range(0, len(rows), batch):
+        chunk = rows[i:i + batch]
+        images = [encode_for_serving(os.path.join(images_dir, r["Filename"])) for r in chunk]
+        out = predict(image_bytes=tf.constant(images))
+        predicted = [c.decode() for c in out["classes"].numpy()]
+        correct += int(np.sum([p == r["ClassId"] for p, r in zip(predicted, chunk)]))
+    return correct / len(rows)
+
+
+def machine() -> str:
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    return f"{os.cpu_count()} CPU cores, {'%d GPU' % len(gpus) if gpus else 'no GPU'}, {platform.machine()}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=os.path.join(REPO, "configs", "gtsrb.yaml"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--note", default="", help="what this run changes, for the table")
+    parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
+    args = parser.parse_args(argv)
+
+    from pipeline import configs, local_runner, results
+
+    config = configs.load_config(args.config, args.overrides)
+    start = time.time()
+    summary = local_runner.run(config)
+    wall = time.time() - start
+    timings = results.component_timings(local_runner.metadata_path(config))
+    model_dir = summary.pushed_dir or summary.model_dir
+    test_dir = config.data.test_source
+    labels = os.path.normpath(os.path.join(test_dir, config.data.test_labels_csv))
+    accuracy = client_accuracy(model_dir, test_dir, labels)
+    per_component = ", ".join(f"{t['component']} {t['seconds']:.0f}s" for t in timings
+                              if t["seconds"] >= 0.5)
+    command = "benchmarks/gtsrb_quality.py " + " ".join(f"--set {o}" for o in args.overrides)
+    row = (f"| {datetime.date.today()} | `{command.strip()}` | {args.note or '-'} | {machine()} | "
+           f"{wall:.0f} s ({per_component}) | {summary.metrics.get('sparse_categorical_accuracy', 0):.4f} | "
+           f"**{accuracy:.4f}** | {'yes' if summary.pushed else 'no'} |")
+    print(json.dumps({"client_accuracy": accuracy, "wall_seconds": wall, "timings": timings,
+                      "pipeline_metrics": summary.metrics, "pushed": summary.pushed_dir}, indent=2))
+    print(row)
+    if not args.no_write:
+        path = os.path.join(REPO, "BENCHMARKS.md")
+        text = open(path).read()
+        if MARKER not in text:
+            raise SystemExit(f"{path}: no {MARKER!r} line to insert before")
+        open(path, "w").write(text.replace(MARKER, row + "\n" + MARKER, 1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
