@@ -9,11 +9,12 @@ image) are printed as one clear line, not a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from components import keras_env  # noqa: F401
 
@@ -36,6 +37,12 @@ _PREPARE_SHORTCUTS = [
     ("--eval-fraction", "data.eval_fraction", "share of source that goes to the eval split"),
     ("--workers", "data.workers", "worker processes (0 = all cores)"),
 ]
+
+
+# Modules adding subcommands: each has ``add_commands(subparsers)``, registering
+# functions ``func(args) -> int`` that import their heavy dependencies lazily
+# (argparse runs on every invocation; TensorFlow should not).
+COMMAND_MODULES: Tuple[str, ...] = ()
 
 
 class UserError(Exception):
@@ -127,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).add_commands(sub)
     return parser
 
 
