@@ -45,6 +45,20 @@ class BackbonePreprocess(tf_keras.layers.Layer):
         return {**super().get_config(), "backbone_name": self.backbone_name}
 
 
+@tf_keras.utils.register_keras_serializable(package="visiontune")
+class Autocontrast(tf_keras.layers.Layer):
+    """Stretches each image's value range to [0, 255] (per image, all channels together).
+
+    Colour ratios are kept (one scale for the three channels), which matters
+    when colour carries the class, as for traffic signs.
+    """
+
+    def call(self, inputs):
+        lo = tf.reduce_min(inputs, axis=[1, 2, 3], keepdims=True)
+        hi = tf.reduce_max(inputs, axis=[1, 2, 3], keepdims=True)
+        return (inputs - lo) * (255.0 / tf.maximum(hi - lo, 1.0))
+
+
 def create_augmentation(aug: configs.AugmentationConfig, seed: int) -> tf_keras.Sequential:
     """Random transforms, active only when the model is called with ``training=True``."""
     L = tf_keras.layers
@@ -88,6 +102,8 @@ def create_model(model_cfg: configs.ModelConfig, num_classes: int,
     augment = create_augmentation(augmentation, seed)
     if augment.layers:
         x = augment(x)
+    if model_cfg.autocontrast:
+        x = Autocontrast(name="autocontrast")(x)
     x = BackbonePreprocess(model_cfg.backbone, name="preprocess")(x)
     # training=False keeps a pretrained backbone's BatchNorm in inference mode even
     # when its other layers are unfrozen; a scratch backbone lets Keras decide.

@@ -162,7 +162,7 @@ def prepare_dataset(data: "DataConfig", output_dir: Optional[str] = None,
     try:
         encode_rejects = _write_shards(tmp_dir, items, splits, data, counts, progress)
         rejects.extend(encode_rejects)
-        _write_metadata(tmp_dir, classes, counts, rejects)
+        _write_metadata(tmp_dir, classes, counts, rejects, settings_fingerprint(data))
         _replace_dir(tmp_dir, output_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -180,9 +180,27 @@ def read_classes(prepared_dir: str) -> List[str]:
         raise PrepareError(f"{path}: no class list; run `visiontune prepare` first") from None
 
 
-def is_prepared(prepared_dir: str) -> bool:
-    """Whether ``prepared_dir`` holds a finished dataset (the summary is written last)."""
-    return os.path.isfile(os.path.join(prepared_dir, SUMMARY_FILE))
+def settings_fingerprint(data: "DataConfig") -> str:
+    """Hash of the settings that decide a dataset's content (not where or how fast)."""
+    values = dataclasses.asdict(data)
+    for key in ("prepared_dir", "workers"):
+        values.pop(key, None)
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def is_prepared(prepared_dir: str, data: Optional["DataConfig"] = None) -> bool:
+    """Whether ``prepared_dir`` holds a finished dataset (the summary is written last).
+
+    With ``data``, also whether it was prepared with these settings: a changed
+    ``eval_fraction`` or source must not silently reuse the old split.
+    """
+    path = os.path.join(prepared_dir, SUMMARY_FILE)
+    if not os.path.isfile(path):
+        return False
+    if data is None:
+        return True
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("settings") == settings_fingerprint(data)
 
 
 def load_result(prepared_dir: str) -> PrepareResult:
@@ -748,7 +766,7 @@ def _write_shards(out_dir: str, items: Sequence[_Item], splits: Sequence[str],
 
 
 def _write_metadata(out_dir: str, classes: Sequence[str], counts: Dict[str, Dict[str, int]],
-                    rejects: Sequence[Tuple[str, str]]) -> None:
+                    rejects: Sequence[Tuple[str, str]], settings: str) -> None:
     with open(os.path.join(out_dir, CLASSES_FILE), "w", encoding="utf-8", newline="\n") as f:
         f.writelines(f"{c}\n" for c in classes)
     with open(os.path.join(out_dir, REJECTS_FILE), "w", encoding="utf-8", newline="") as f:
@@ -760,6 +778,7 @@ def _write_metadata(out_dir: str, classes: Sequence[str], counts: Dict[str, Dict
         "counts": counts,
         "totals": {split: sum(per_class.values()) for split, per_class in counts.items()},
         "rejects": len(rejects),
+        "settings": settings,
     }
     with open(os.path.join(out_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2, ensure_ascii=False)

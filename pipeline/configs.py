@@ -93,6 +93,10 @@ class ModelConfig:
     alpha: float = 1.0
     # Square input side in pixels (32-299); 0 = the backbone's default.
     image_size: int = 0
+    # Stretch each image's pixel range to 0-255 before the backbone (in the
+    # model, so serving does it too).  Helps with very dark or washed-out
+    # photos such as GTSRB's.
+    autocontrast: bool = False
     head: HeadConfig = dataclasses.field(default_factory=HeadConfig)
 
 

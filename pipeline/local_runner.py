@@ -8,6 +8,7 @@ cache hit; kill it and run it again and the Trainer resumes.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import List, Optional
@@ -19,6 +20,7 @@ from components import prepare as prepare_lib
 from pipeline import configs, pipeline as pipeline_lib, results
 
 METADATA_FILE = "metadata.sqlite"
+SUMMARY_FILE = "run_summary.json"
 
 
 def beam_args(workers: int) -> List[str]:
@@ -41,7 +43,7 @@ def ensure_prepared(config: configs.Config, force: bool = False) -> prepare_lib.
     data = config.data
     if not data.prepared_dir:
         raise configs.ConfigError("data.prepared_dir: not set (where the TFRecords go)")
-    if not force and prepare_lib.is_prepared(data.prepared_dir):
+    if not force and prepare_lib.is_prepared(data.prepared_dir, data if data.source else None):
         return prepare_lib.load_result(data.prepared_dir)
     if not data.source:
         raise configs.ConfigError(
@@ -67,4 +69,8 @@ def run(config: configs.Config, force_prepare: bool = False) -> results.RunSumma
     os.makedirs(config.pipeline.output_dir, exist_ok=True)
     logging.info("running pipeline %s into %s", config.pipeline.name, config.pipeline.output_dir)
     tfx.orchestration.LocalDagRunner().run(create_local_pipeline(config, prepared))
-    return results.summarize_run(metadata_path(config), config.pipeline.name)
+    summary = results.summarize_run(metadata_path(config), config.pipeline.name)
+    # The newest run's outcome, for people and for reports built later.
+    with open(os.path.join(config.pipeline.output_dir, SUMMARY_FILE), "w") as f:
+        json.dump(summary.to_json(), f, indent=2)
+    return summary

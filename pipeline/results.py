@@ -36,6 +36,9 @@ class RunSummary:
     metrics: Dict[str, float] = dataclasses.field(default_factory=dict)
     per_class: List[ClassMetrics] = dataclasses.field(default_factory=list)
     baseline_metrics: Dict[str, float] = dataclasses.field(default_factory=dict)
+    classes: List[str] = dataclasses.field(default_factory=list)
+    # confusion_matrix[true][predicted] = count, rows and columns in ``classes`` order.
+    confusion_matrix: List[List[int]] = dataclasses.field(default_factory=list)
 
     def message(self) -> str:
         lines = []
@@ -45,6 +48,12 @@ class RunSummary:
         if self.baseline_metrics:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(self.baseline_metrics.items()))
             lines.append(f"baseline (last blessed model): {shown}")
+        if self.confusion_matrix:
+            pairs = sorted(((n, t, p) for t, row in enumerate(self.confusion_matrix)
+                            for p, n in enumerate(row) if t != p and n), reverse=True)[:3]
+            if pairs:
+                lines.append("most confused (true -> predicted): " + ", ".join(
+                    f"{self.classes[t]} -> {self.classes[p]} ({n})" for n, t, p in pairs))
         if self.per_class:
             worst = sorted(self.per_class, key=lambda c: c.f1)[:5]
             lines.append("lowest F1: " + ", ".join(f"{c.name} {c.f1:.3f}" for c in worst))
@@ -114,6 +123,30 @@ def read_metrics(evaluation_uri: str, classes: List[str]):
     return overall, rows, baseline
 
 
+def read_confusion_matrix(evaluation_uri: str, num_classes: int) -> List[List[int]]:
+    """The overall slice's arg-max confusion matrix from TFMA's plots."""
+    import tensorflow_model_analysis as tfma
+
+    matrix = [[0] * num_classes for _ in range(num_classes)]
+    try:
+        plots = tfma.load_plots(evaluation_uri)
+    except Exception:  # noqa: BLE001 - no plots written
+        return []
+    for slice_plots in plots:
+        if slice_plots.slice_key.single_slice_keys:
+            continue
+        for kv in slice_plots.plot_keys_and_values:
+            if kv.key.model_name == "baseline":
+                continue
+            matrices = kv.value.multi_class_confusion_matrix_at_thresholds.matrices
+            if not matrices:
+                continue
+            for entry in matrices[0].entries:  # threshold 0: the predicted class is the arg-max
+                if entry.actual_class_id < num_classes and entry.predicted_class_id < num_classes:
+                    matrix[entry.actual_class_id][entry.predicted_class_id] += int(entry.num_weighted_examples)
+    return matrix
+
+
 def blessing_failures(evaluation_uri: str) -> List[str]:
     import tensorflow_model_analysis as tfma
 
@@ -151,6 +184,8 @@ def summarize_run(metadata_path: str, pipeline_name: str = "") -> RunSummary:
     if evaluation is not None:
         summary.evaluation_dir = evaluation.uri
         summary.metrics, summary.per_class, summary.baseline_metrics = read_metrics(evaluation.uri, classes)
+        summary.classes = classes
+        summary.confusion_matrix = read_confusion_matrix(evaluation.uri, len(classes))
         if not summary.blessed:
             summary.reasons = blessing_failures(evaluation.uri)
     if blessing is None:

@@ -7,6 +7,7 @@ reason when it is absent.  CI has it, so CI runs this.
 import csv
 import glob
 import io
+import json
 import os
 
 import numpy as np
@@ -95,6 +96,14 @@ def test_first_run_is_blessed_and_pushed_in_tf_serving_layout(first_run, gtsrb_s
     # Per-class figures carry the class names, in classes.txt order.
     assert [c.name for c in summary.per_class] == CLASSES
     assert summary.metrics["example_count"] == 120
+    # The confusion matrix agrees with TFMA's per-class recall.
+    matrix = np.array(summary.confusion_matrix)
+    assert matrix.sum() == 120 and summary.classes == CLASSES
+    for i, row in enumerate(summary.per_class):
+        if matrix[i].sum():
+            assert row.recall == pytest.approx(matrix[i, i] / matrix[i].sum(), abs=1e-6)
+    saved = json.load(open(os.path.join(config.pipeline.output_dir, "run_summary.json")))
+    assert saved["pushed_dir"] == summary.pushed_dir
 
 
 def test_pushed_model_answers_both_signatures_above_chance(first_run, gtsrb_slice):
