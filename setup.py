@@ -28,6 +28,7 @@ setup(
         "pyyaml",
         "tqdm",
         "scikit-learn",  # the demo's bundled digits
+        "matplotlib",  # the run report's figures (Agg backend)
     ],
     extras_require={"test": ["pytest", "scikit-learn"]},
     entry_points={"console_scripts": ["visiontune=visiontune.cli:main"]},

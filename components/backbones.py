@@ -69,15 +69,37 @@ def resolve_weights(weights: str) -> Optional[str]:
 
     ``imagenet`` lets Keras use its cache (or download); ``none`` trains from
     scratch; anything else must be an existing ``.h5`` file, checked here so a
-    typo fails before any data is read.
+    typo fails before any data is read.  A remote file (``gs://...``, as on
+    Vertex AI Training) is copied to a local cache first: Keras reads ``.h5``
+    files with h5py, which only opens local paths.
     """
     if not weights or weights.lower() == "none":
         return None
     if weights.lower() == "imagenet":
         return "imagenet"
+    if "://" in weights:
+        return _local_copy(weights)
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"model.weights: {weights}: no such weights file")
     return weights
+
+
+def _local_copy(uri: str) -> str:
+    import hashlib
+    import tempfile
+
+    import tensorflow as tf
+
+    if not tf.io.gfile.exists(uri):
+        raise FileNotFoundError(f"model.weights: {uri}: no such weights file")
+    stat = tf.io.gfile.stat(uri)  # a replaced file gets a new cache entry
+    key = hashlib.sha256(f"{uri}|{stat.length}|{stat.mtime_nsec}".encode()).hexdigest()[:16]
+    local = os.path.join(tempfile.gettempdir(), "visiontune_weights", f"{key}_{os.path.basename(uri)}")
+    if not os.path.isfile(local):
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        tf.io.gfile.copy(uri, local + ".part", overwrite=True)
+        os.replace(local + ".part", local)
+    return local
 
 
 def create_backbone(name: str, image_size: int, weights: str = "imagenet",

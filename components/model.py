@@ -59,6 +59,29 @@ class Autocontrast(tf_keras.layers.Layer):
         return (inputs - lo) * (255.0 / tf.maximum(hi - lo, 1.0))
 
 
+@tf_keras.utils.register_keras_serializable(package="visiontune")
+class Equalize(tf_keras.layers.Layer):
+    """Per-image histogram equalisation over all three channels together.
+
+    One mapping for the three channels keeps hues roughly intact (equalising
+    channels separately shifts colours, and colour carries the class for
+    traffic signs), while dark and low-contrast images get the full range.
+    """
+
+    def call(self, inputs):
+        shape = tf.shape(inputs)
+        values = tf.cast(tf.clip_by_value(tf.round(inputs), 0.0, 255.0), tf.int32)
+        flat = tf.reshape(values, [shape[0], -1])
+        hist = tf.math.bincount(flat, minlength=256, maxlength=256, axis=-1)
+        cdf = tf.cast(tf.cumsum(hist, axis=-1), tf.float32)
+        cdf_min = tf.reduce_min(tf.where(cdf > 0, cdf, tf.fill(tf.shape(cdf), 1e30)), axis=-1, keepdims=True)
+        total = cdf[:, -1:]
+        lut = (cdf - cdf_min) * (255.0 / tf.maximum(total - cdf_min, 1.0))
+        lut = tf.clip_by_value(lut, 0.0, 255.0)
+        mapped = tf.gather(lut, flat, batch_dims=1)
+        return tf.cast(tf.reshape(mapped, shape), inputs.dtype)
+
+
 def create_augmentation(aug: configs.AugmentationConfig, seed: int) -> tf_keras.Sequential:
     """Random transforms, active only when the model is called with ``training=True``."""
     L = tf_keras.layers
@@ -102,8 +125,10 @@ def create_model(model_cfg: configs.ModelConfig, num_classes: int,
     augment = create_augmentation(augmentation, seed)
     if augment.layers:
         x = augment(x)
-    if model_cfg.autocontrast:
+    if model_cfg.contrast == "autocontrast":
         x = Autocontrast(name="autocontrast")(x)
+    elif model_cfg.contrast == "equalize":
+        x = Equalize(name="equalize")(x)
     x = BackbonePreprocess(model_cfg.backbone, name="preprocess")(x)
     # training=False keeps a pretrained backbone's BatchNorm in inference mode even
     # when its other layers are unfrozen; a scratch backbone lets Keras decide.

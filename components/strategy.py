@@ -19,8 +19,8 @@ import tf_keras
 def create_strategy(tpu: str = "") -> Tuple[tf.distribute.Strategy, str]:
     """Returns the strategy and a short description for logs and reports."""
     if tpu:
-        # "local" on a TPU VM, a name or grpc:// address otherwise.
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu="" if tpu == "local" else tpu)
+        # "local" on a TPU VM (Vertex AI TPU training), a TPU name or grpc:// address otherwise.
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         strategy = tf.distribute.TPUStrategy(resolver)

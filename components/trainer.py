@@ -230,7 +230,6 @@ def run_fn(fn_args) -> None:
     }
     with tf.io.gfile.GFile(os.path.join(fn_args.model_run_dir, HISTORY_FILE), "w") as f:
         json.dump({"history": history, **metadata}, f, indent=2)
-    tf_keras.mixed_precision.set_global_policy("float32")
     signatures.export_saved_model(model, tf_transform_output, classes, size,
                                   fn_args.serving_model_dir, metadata)
     # The finished model is exported: the resume state is no longer needed.

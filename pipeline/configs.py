@@ -93,10 +93,11 @@ class ModelConfig:
     alpha: float = 1.0
     # Square input side in pixels (32-299); 0 = the backbone's default.
     image_size: int = 0
-    # Stretch each image's pixel range to 0-255 before the backbone (in the
-    # model, so serving does it too).  Helps with very dark or washed-out
+    # Per-image contrast normalisation before the backbone, inside the model so
+    # serving does it too: none | autocontrast (stretch the range to 0-255) |
+    # equalize (histogram equalisation).  Helps with very dark or washed-out
     # photos such as GTSRB's.
-    autocontrast: bool = False
+    contrast: str = "none"
     head: HeadConfig = dataclasses.field(default_factory=HeadConfig)
 
 
@@ -170,6 +171,86 @@ class PipelineSettings:
 
 
 @dataclasses.dataclass
+class DataflowConfig:
+    """Beam on Dataflow for ExampleGen, StatisticsGen, Transform and Evaluator on Vertex AI."""
+
+    # false: those components run Beam's DirectRunner inside their own container.
+    enabled: bool = True
+    machine_type: str = "n1-standard-4"
+    max_workers: int = 4
+    disk_size_gb: int = 0  # 0: Dataflow's default
+    # Empty: VERTEX.root/dataflow/tmp and VERTEX.root/dataflow/staging.
+    temp_location: str = ""
+    staging_location: str = ""
+    # Worker container: the TFX libraries the workers run must match the launcher's.
+    # Empty: vertex.image (the Dockerfile keeps Beam's boot entrypoint for this).
+    sdk_container_image: str = ""
+    # Extra ``--flag=value`` Beam options, e.g. ["--subnetwork=...", "--no_use_public_ips"].
+    extra_args: List[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class VertexTrainingConfig:
+    """The Trainer's Vertex AI Training job (one worker pool)."""
+
+    machine_type: str = "n1-standard-8"
+    # NVIDIA_TESLA_T4 | NVIDIA_TESLA_V100 | NVIDIA_TESLA_A100 | NVIDIA_L4 | ...
+    # or a TPU: TPU_V2 | TPU_V3 (machine_type cloud-tpu, accelerator_count 8), ...
+    # Empty: CPU only.
+    accelerator_type: str = ""
+    accelerator_count: int = 0
+    # TPU slice topology for TPU VM machine types (e.g. 2x2 for ct5lp-hightpu-4t).
+    tpu_topology: str = ""
+    # What ``training.tpu`` becomes when the accelerator is a TPU, so that
+    # ``components.strategy`` builds a TPUStrategy there ("local": resolve the
+    # TPU attached to the training VM).
+    tpu: str = "local"
+    replica_count: int = 1
+    boot_disk_size_gb: int = 0  # 0: Vertex's default (100 GB)
+
+
+@dataclasses.dataclass
+class VertexEndpointConfig:
+    """Optional deployment of a blessed model to a Vertex AI Endpoint."""
+
+    # Endpoint display name; empty: push to serving_dir only.
+    name: str = ""
+    machine_type: str = "n1-standard-4"
+    min_replica_count: int = 1
+    max_replica_count: int = 1
+    traffic_percentage: int = 100
+    # Prebuilt TF serving container of Vertex AI Prediction.
+    serving_image: str = "us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.2-15:latest"
+
+
+@dataclasses.dataclass
+class VertexConfig:
+    """Where and how the pipeline runs on Vertex AI Pipelines (``visiontune compile --target vertex``).
+
+    Only read by the Vertex compile; a local run ignores this section.
+    """
+
+    project: str = ""
+    region: str = "us-central1"
+    # gs://BUCKET/PREFIX: the default for every path below.
+    root: str = ""
+    pipeline_root: str = ""  # empty: ROOT/pipeline_root
+    prepared_dir: str = ""   # empty: ROOT/prepared (upload ``visiontune prepare``'s output there)
+    serving_dir: str = ""    # empty: ROOT/serving
+    # The image built from the repository's Dockerfile, e.g.
+    # us-central1-docker.pkg.dev/PROJECT/visiontune/visiontune:0.1.0
+    image: str = ""
+    # model.weights on Vertex: imagenet | none | gs://.../weights.h5 (empty: model.weights,
+    # which must then not be a local file).
+    weights: str = ""
+    # Runs the pipeline, the Dataflow workers and the training job.  Empty: the default.
+    service_account: str = ""
+    dataflow: DataflowConfig = dataclasses.field(default_factory=DataflowConfig)
+    training: VertexTrainingConfig = dataclasses.field(default_factory=VertexTrainingConfig)
+    endpoint: VertexEndpointConfig = dataclasses.field(default_factory=VertexEndpointConfig)
+
+
+@dataclasses.dataclass
 class Config:
     """A whole visiontune run."""
 
@@ -179,6 +260,8 @@ class Config:
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
     pipeline: PipelineSettings = dataclasses.field(default_factory=PipelineSettings)
+    # Deployment on Vertex AI; ignored by local runs.
+    vertex: VertexConfig = dataclasses.field(default_factory=VertexConfig)
 
 
 # Settings holding filesystem paths: resolved against the YAML file's folder.
@@ -340,5 +423,8 @@ def validate(config: Config) -> None:
                               f"{', '.join(_PHASE_POLICIES)}")
         if phase.backbone in ("freeze_first", "train_last") and phase.layers <= 0:
             raise ConfigError(f"training.{name}.layers must be > 0 with backbone: {phase.backbone}")
+    if config.model.contrast not in ("none", "autocontrast", "equalize"):
+        raise ConfigError(f"model.contrast: expected none, autocontrast or equalize, "
+                          f"got {config.model.contrast!r}")
     if config.evaluation.split not in ("eval", "test"):
         raise ConfigError(f"evaluation.split: expected eval or test, got {config.evaluation.split!r}")

@@ -73,4 +73,20 @@ def run(config: configs.Config, force_prepare: bool = False) -> results.RunSumma
     # The newest run's outcome, for people and for reports built later.
     with open(os.path.join(config.pipeline.output_dir, SUMMARY_FILE), "w") as f:
         json.dump(summary.to_json(), f, indent=2)
+    write_report(config.pipeline.output_dir)
     return summary
+
+
+def write_report(output_dir: str) -> Optional[str]:
+    """The run's HTML report (``<output_dir>/report/``); a failure is a warning, not a failed run."""
+    from pipeline import report
+
+    log = logging.getLogger("visiontune.report")
+    try:
+        index = report.write_report(output_dir)
+    except Exception as e:  # noqa: BLE001 - the model is trained and pushed: keep the run's outcome
+        log.warning("could not write the run report into %s: %s: %s",
+                    os.path.join(output_dir, report.REPORT_DIR), type(e).__name__, e)
+        return None
+    log.info("report: %s", index)
+    return index

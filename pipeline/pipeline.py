@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from components import keras_env  # noqa: F401
 from tfx import v1 as tfx
@@ -51,8 +51,23 @@ def create_pipeline(
     metadata_connection_config=None,
     beam_pipeline_args: Optional[List[str]] = None,
     trainer_state_root: Optional[str] = None,
+    component_beam_args: Optional[List[str]] = None,
+    cloud_training: Optional[Dict[str, Any]] = None,
+    endpoint_push: Optional[Dict[str, Any]] = None,
 ) -> tfx.dsl.Pipeline:
-    """Builds the pipeline over the prepared TFRecords in ``config.data.prepared_dir``."""
+    """Builds the pipeline over the prepared TFRecords in ``config.data.prepared_dir``.
+
+    The defaults build the local pipeline.  For Google Cloud (``pipeline.vertex_runner``):
+
+    * ``component_beam_args``: Beam options (DataflowRunner) given to the Beam-powered
+      components only (ExampleGen, StatisticsGen, Transform, Evaluator), not to the
+      pipeline, so that no other step's container receives them;
+    * ``cloud_training``: extra Trainer ``custom_config`` entries
+      (``ENABLE_VERTEX_KEY``, ``VERTEX_REGION_KEY``, ``TRAINING_ARGS_KEY``); the
+      Trainer then runs as a Vertex AI Training job through TFX's Google Cloud extension;
+    * ``endpoint_push``: ``custom_config`` of TFX's Google Cloud Pusher; a second
+      Pusher (``endpoint_pusher``) deploys the blessed model to a Vertex AI Endpoint.
+    """
     classes = list(classes)
     image_size = backbones.input_size(config.model.backbone, config.model.image_size)
     if config.evaluation.split == "test" and not has_test_split:
@@ -76,14 +91,22 @@ def create_pipeline(
         custom_config={"image_size": image_size, "classes": classes,
                        "code_version": code_fingerprint("transform")})
 
+    config_dict = configs.to_dict(config)
+    # The deployment settings are not the Trainer's business (and leaving them out
+    # keeps the Trainer's cache key what it was before they existed).
+    config_dict.pop("vertex", None)
     trainer_config = {
-        "config": configs.to_dict(config),
+        "config": config_dict,
         "classes": classes,
         "state_root": trainer_state_root or os.path.join(pipeline_root, "trainer_state"),
         "code_version": code_fingerprint("transform", "trainer", "model", "backbones",
                                          "signatures", "strategy"),
     }
-    trainer = tfx.components.Trainer(
+    trainer_class = tfx.components.Trainer
+    if cloud_training:
+        trainer_config.update(cloud_training)
+        trainer_class = tfx.extensions.google_cloud_ai_platform.Trainer
+    trainer = trainer_class(
         run_fn=TRAINER_FN,
         examples=transform.outputs["transformed_examples"],
         transform_graph=transform.outputs["transform_graph"],
@@ -112,12 +135,23 @@ def create_pipeline(
             filesystem=tfx.proto.PushDestination.Filesystem(
                 base_directory=os.path.join(config.pipeline.serving_dir, config.pipeline.model_name))),
         custom_executor_spec=executor_spec.ExecutorClassSpec(pusher.Executor))
+    components = [example_gen, statistics_gen, schema_gen, example_validator, transform,
+                  trainer, model_resolver, evaluator, pusher_component]
+
+    if endpoint_push:
+        components.append(tfx.extensions.google_cloud_ai_platform.Pusher(
+            model=trainer.outputs["model"],
+            model_blessing=evaluator.outputs["blessing"],
+            custom_config=endpoint_push).with_id("endpoint_pusher"))
+
+    if component_beam_args:
+        for component in (example_gen, statistics_gen, transform, evaluator):
+            component.with_beam_pipeline_args(list(component_beam_args))
 
     return tfx.dsl.Pipeline(
         pipeline_name=config.pipeline.name,
         pipeline_root=pipeline_root,
-        components=[example_gen, statistics_gen, schema_gen, example_validator, transform,
-                    trainer, model_resolver, evaluator, pusher_component],
+        components=components,
         enable_cache=config.pipeline.enable_cache,
         metadata_connection_config=metadata_connection_config,
         beam_pipeline_args=beam_pipeline_args or [],

@@ -136,3 +136,131 @@ def shapes_transformed(shapes_prepared, tmp_path_factory):
     size = 32
     tft_dir = run_transform(shapes_prepared.output_dir, shapes_prepared.classes, size, out)
     return tft_dir, os.path.join(out, "transformed"), shapes_prepared.classes, size
+
+
+def trainer_config(**training):
+    """A tiny Trainer config (MobileNetV2-0.35 at 32 px, 1+1 epochs) for fast real exports."""
+    from pipeline import configs
+
+    weights = MOBILENET_V2_035 if os.path.exists(MOBILENET_V2_035) else "none"
+    return configs.from_dict(configs.Config, {
+        "model": {"backbone": "mobilenet_v2", "alpha": 0.35, "image_size": 32, "weights": weights,
+                  "head": {"dense_units": [16], "dropout": 0.1}},
+        "training": {"batch_size": 8, "warmup": {"epochs": 1, "learning_rate": 0.01},
+                     "fine_tune": {"epochs": 1, "learning_rate": 0.001, "backbone": "train_last",
+                                   "layers": 8},
+                     "early_stopping_patience": 0, **training},
+        "evaluation": {"top_k": 2},
+    })
+
+
+def trainer_fn_args(tmp, transformed, config, classes):
+    """TFX ``FnArgs`` for ``trainer.run_fn`` on a ``shapes_transformed`` output."""
+    from pipeline import configs
+    from tfx.components.trainer import fn_args_utils
+
+    tft_dir, transformed_dir, _, _ = transformed
+    return fn_args_utils.FnArgs(
+        train_files=[os.path.join(transformed_dir, "train*")],
+        eval_files=[os.path.join(transformed_dir, "eval*")],
+        transform_output=tft_dir,
+        serving_model_dir=os.path.join(tmp, "serving_model"),
+        model_run_dir=os.path.join(tmp, "model_run"),
+        custom_config={"config": configs.to_dict(config), "classes": classes,
+                       "state_root": os.path.join(tmp, "state")})
+
+
+@pytest.fixture(scope="session")
+def exported_model(shapes_transformed, tmp_path_factory):
+    """``FnArgs`` of one real ``trainer.run_fn`` export (``.serving_model_dir`` is the SavedModel).
+
+    Session-scoped: the Trainer tests and the serving tests share one training run.
+    """
+    from components import trainer
+
+    tmp = str(tmp_path_factory.mktemp("trainer"))
+    fn_args = trainer_fn_args(tmp, shapes_transformed, trainer_config(), SHAPE_CLASSES)
+    trainer.run_fn(fn_args)
+    return fn_args
+
+
+# --------------------------------------------------------------------------- a small real GTSRB run
+
+GTSRB_CLASSES = ["1", "2", "12", "13", "14", "38"]  # ids as GTSRB writes them; "12" after "2"
+
+
+@pytest.fixture(scope="session")
+def gtsrb_slice(tmp_path_factory):
+    """Six GTSRB classes (all 40 training images each) and 120 of their official test images."""
+    import csv
+
+    require_shared(GTSRB)
+    require_shared(MOBILENET_V2_035)
+    root = tmp_path_factory.mktemp("gtsrb")
+    train = root / "train"
+    train.mkdir()
+    for cid in GTSRB_CLASSES:
+        os.symlink(os.path.join(GTSRB, "train", f"{int(cid):05d}"), train / f"{int(cid):05d}")
+    with open(os.path.join(GTSRB, "test", "GT-final_test.csv")) as f:
+        rows = [r for r in csv.DictReader(f, delimiter=";") if r["ClassId"] in GTSRB_CLASSES][:120]
+    test_csv = root / "test.csv"
+    with open(test_csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter=";")
+        writer.writeheader()
+        writer.writerows(rows)
+    return root, str(train), str(test_csv), rows
+
+
+def gtsrb_config(root, train, test_csv, **overrides):
+    """MobileNetV2-0.35 at 48 px, 3+3 epochs, evaluated on the test images: a run of a few minutes."""
+    from pipeline import configs
+
+    base = [
+        f"data.source={train}", "data.labels_csv=*/GT-*.csv",
+        f"data.test_source={os.path.join(GTSRB, 'test', 'Images')}", f"data.test_labels_csv={test_csv}",
+        f"data.prepared_dir={root / 'prepared'}", "data.num_shards=2", "data.workers=1",
+        "model.backbone=mobilenet_v2", "model.alpha=0.35", f"model.weights={MOBILENET_V2_035}",
+        "model.image_size=48", "model.head.dense_units=[32]", "model.head.dropout=0.1",
+        "training.batch_size=32", "training.warmup.epochs=3", "training.warmup.learning_rate=0.003",
+        "training.fine_tune.epochs=3", "training.fine_tune.learning_rate=0.0005",
+        "training.fine_tune.backbone=train_last", "training.fine_tune.layers=20",
+        "training.early_stopping_patience=0",
+        "evaluation.split=test", "evaluation.min_accuracy=0.4", "evaluation.max_regression=0.5",
+        f"pipeline.output_dir={root / 'run'}", f"pipeline.serving_dir={root / 'serving'}",
+        "pipeline.model_name=signs", "pipeline.name=gtsrb-e2e",
+    ]
+    return configs.load_config(None, base + [f"{k}={v}" for k, v in overrides.items()])
+
+
+@pytest.fixture(scope="session")
+def first_run(gtsrb_slice):
+    """(config, RunSummary) of one real pipeline run on ``gtsrb_slice``; shared by the e2e tests.
+
+    Later tests run the pipeline again into the same output dir.  What the first
+    run left is kept in ``<root>/first_run_snapshot`` (see ``first_run_snapshot``).
+    """
+    import shutil
+
+    from pipeline import local_runner
+
+    root, train, test_csv, _ = gtsrb_slice
+    config = gtsrb_config(root, train, test_csv)
+    summary = local_runner.run(config)
+    snapshot = root / "first_run_snapshot"
+    snapshot.mkdir()
+    out = config.pipeline.output_dir
+    shutil.copy(os.path.join(out, local_runner.METADATA_FILE), snapshot)
+    shutil.copy(os.path.join(out, local_runner.SUMMARY_FILE), snapshot)
+    if os.path.isdir(os.path.join(out, "report")):
+        shutil.copytree(os.path.join(out, "report"), snapshot / "report")
+    return config, summary
+
+
+@pytest.fixture(scope="session")
+def first_run_snapshot(first_run, gtsrb_slice):
+    """A folder with the first run's metadata.sqlite, run_summary.json and report/, as the run left them.
+
+    Artifact folders are never rewritten, so this metadata still describes the
+    first run's artifacts after later runs into the same output dir.
+    """
+    return str(gtsrb_slice[0] / "first_run_snapshot")

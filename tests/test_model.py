@@ -90,3 +90,22 @@ def test_bad_settings_fail_clearly():
         backbones.resolve_weights("/nope/weights.h5")
     with pytest.raises(ValueError, match="at least 75 px"):
         backbones.input_size("inception_v3", 64)
+
+
+def test_contrast_normalisation_layers_stretch_dark_images():
+    import numpy as np
+
+    dark = np.random.RandomState(0).randint(5, 40, (2, 16, 16, 3)).astype("float32")
+    for layer in (model_lib.Autocontrast(), model_lib.Equalize()):
+        out = layer(dark).numpy()
+        assert out.min() == 0.0 and out.max() == 255.0, type(layer).__name__
+        # Monotonic per image: brighter input pixels never map to darker outputs.
+        order = np.argsort(dark[0].ravel(), kind="stable")
+        assert np.all(np.diff(out[0].ravel()[order]) >= -1e-3)
+
+
+@pytest.mark.parametrize("contrast", ["autocontrast", "equalize"])
+def test_contrast_setting_puts_the_layer_in_the_model(contrast):
+    cfg = configs.ModelConfig(backbone="mobilenet_v2", alpha=0.35, weights="none", image_size=32,
+                              contrast=contrast)
+    assert model_lib.create_model(cfg, 3).get_layer(contrast)

@@ -4,7 +4,6 @@ Needs ../shared (GTSRB and the MobileNetV2-0.35 weights); skipped with the
 reason when it is absent.  CI has it, so CI runs this.
 """
 
-import csv
 import glob
 import io
 import json
@@ -15,49 +14,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pipeline import configs, local_runner
-from tests.conftest import GTSRB, MOBILENET_V2_035, require_shared
+from pipeline import local_runner
+from tests.conftest import GTSRB, GTSRB_CLASSES, gtsrb_config
 
 pytestmark = pytest.mark.e2e
-CLASSES = ["1", "2", "12", "13", "14", "38"]  # ids as GTSRB writes them; "12" after "2"
-
-
-@pytest.fixture(scope="module")
-def gtsrb_slice(tmp_path_factory):
-    """Six GTSRB classes (all 40 training images each) and their official test images."""
-    require_shared(GTSRB)
-    require_shared(MOBILENET_V2_035)
-    root = tmp_path_factory.mktemp("gtsrb")
-    train = root / "train"
-    train.mkdir()
-    for cid in CLASSES:
-        os.symlink(os.path.join(GTSRB, "train", f"{int(cid):05d}"), train / f"{int(cid):05d}")
-    with open(os.path.join(GTSRB, "test", "GT-final_test.csv")) as f:
-        rows = [r for r in csv.DictReader(f, delimiter=";") if r["ClassId"] in CLASSES][:120]
-    test_csv = root / "test.csv"
-    with open(test_csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter=";")
-        writer.writeheader()
-        writer.writerows(rows)
-    return root, str(train), str(test_csv), rows
-
-
-def _config(root, train, test_csv, **overrides):
-    base = [
-        f"data.source={train}", "data.labels_csv=*/GT-*.csv",
-        f"data.test_source={os.path.join(GTSRB, 'test', 'Images')}", f"data.test_labels_csv={test_csv}",
-        f"data.prepared_dir={root / 'prepared'}", "data.num_shards=2", "data.workers=1",
-        "model.backbone=mobilenet_v2", "model.alpha=0.35", f"model.weights={MOBILENET_V2_035}",
-        "model.image_size=48", "model.head.dense_units=[32]", "model.head.dropout=0.1",
-        "training.batch_size=32", "training.warmup.epochs=3", "training.warmup.learning_rate=0.003",
-        "training.fine_tune.epochs=3", "training.fine_tune.learning_rate=0.0005",
-        "training.fine_tune.backbone=train_last", "training.fine_tune.layers=20",
-        "training.early_stopping_patience=0",
-        "evaluation.split=test", "evaluation.min_accuracy=0.4", "evaluation.max_regression=0.5",
-        f"pipeline.output_dir={root / 'run'}", f"pipeline.serving_dir={root / 'serving'}",
-        "pipeline.model_name=signs", "pipeline.name=gtsrb-e2e",
-    ]
-    return configs.load_config(None, base + [f"{k}={v}" for k, v in overrides.items()])
+CLASSES = GTSRB_CLASSES
+_config = gtsrb_config  # the shared run (``first_run``, ``gtsrb_slice``) is in conftest.py
 
 
 def _png(path):
@@ -76,13 +38,6 @@ def _executions_by_state(config):
     for e in store.get_executions():
         latest[by_type[e.type_id].rsplit(".", 1)[-1]] = metadata_store_pb2.Execution.State.Name(e.last_known_state)
     return latest
-
-
-@pytest.fixture(scope="module")
-def first_run(gtsrb_slice):
-    root, train, test_csv, rows = gtsrb_slice
-    config = _config(root, train, test_csv)
-    return config, local_runner.run(config)
 
 
 def test_first_run_is_blessed_and_pushed_in_tf_serving_layout(first_run, gtsrb_slice):

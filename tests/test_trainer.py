@@ -10,45 +10,18 @@ import pytest
 import tensorflow as tf
 import tf_keras
 from PIL import Image
-from tfx.components.trainer import fn_args_utils
 
 from components import signatures, trainer
-from pipeline import configs
-from tests.conftest import MOBILENET_V2_035, SHAPE_CLASSES
+from tests.conftest import SHAPE_CLASSES, trainer_config
 
 
-def _config(**training):
-    weights = MOBILENET_V2_035 if os.path.exists(MOBILENET_V2_035) else "none"
-    return configs.from_dict(configs.Config, {
-        "model": {"backbone": "mobilenet_v2", "alpha": 0.35, "image_size": 32, "weights": weights,
-                  "head": {"dense_units": [16], "dropout": 0.1}},
-        "training": {"batch_size": 8, "warmup": {"epochs": 1, "learning_rate": 0.01},
-                     "fine_tune": {"epochs": 1, "learning_rate": 0.001, "backbone": "train_last",
-                                   "layers": 8},
-                     "early_stopping_patience": 0, **training},
-        "evaluation": {"top_k": 2},
-    })
-
-
-def _fn_args(tmp, transformed, config, classes):
-    tft_dir, transformed_dir, _, _ = transformed
-    return fn_args_utils.FnArgs(
-        train_files=[os.path.join(transformed_dir, "train*")],
-        eval_files=[os.path.join(transformed_dir, "eval*")],
-        transform_output=tft_dir,
-        serving_model_dir=os.path.join(tmp, "serving_model"),
-        model_run_dir=os.path.join(tmp, "model_run"),
-        custom_config={"config": configs.to_dict(config), "classes": classes,
-                       "state_root": os.path.join(tmp, "state")})
+# The tiny config and the export are shared with the serving tests (tests/conftest.py).
+_config = trainer_config
 
 
 @pytest.fixture(scope="module")
-def exported(shapes_transformed, tmp_path_factory):
-    tmp = str(tmp_path_factory.mktemp("trainer"))
-    config = _config()
-    fn_args = _fn_args(tmp, shapes_transformed, config, SHAPE_CLASSES)
-    trainer.run_fn(fn_args)
-    return fn_args
+def exported(exported_model):
+    return exported_model
 
 
 def _png(image):

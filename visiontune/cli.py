@@ -42,7 +42,7 @@ _PREPARE_SHORTCUTS = [
 # Modules adding subcommands: each has ``add_commands(subparsers)``, registering
 # functions ``func(args) -> int`` that import their heavy dependencies lazily
 # (argparse runs on every invocation; TensorFlow should not).
-COMMAND_MODULES: Tuple[str, ...] = ()
+COMMAND_MODULES: Tuple[str, ...] = ("pipeline.vertex_commands", "serving.commands", "pipeline.report_commands")
 
 
 class UserError(Exception):
@@ -164,4 +164,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under ``python -m visiontune.cli`` this file runs as ``__main__``; hand over to
+    # the imported module so its ``UserError`` is the one command modules raise.
+    from visiontune import cli as _cli
+
+    sys.exit(_cli.main())

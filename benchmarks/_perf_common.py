@@ -1,0 +1,78 @@
+"""Shared helpers of the issue-7 performance benchmarks (ingest, input pipeline, trainer, evaluator).
+
+Every script measures its figures side by side in one process, records the
+load average next to each result (the machines are shared and noisy), and
+appends rows to its own table in the "Performance (issue 7)" section of
+BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import sys
+from typing import Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("VISIONTUNE_SHARED") or os.path.join(os.path.dirname(REPO), "shared")
+FLOWERS = os.path.join(SHARED, "datasets", "flowers")
+GTSRB = os.path.join(SHARED, "datasets", "gtsrb")
+MOBILENET_V2_035 = os.path.join(
+    SHARED, "weights", "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5")
+SECTION = "## Performance (issue 7)"
+SECTION_INTRO = """
+Ratios measured side by side in one process (the machines are shared and
+noisy); each row gives the median of repeated runs and the 1-minute load
+average (`os.getloadavg()`) when it was taken, over the number of cores.
+Scripts: `benchmarks/ingest.py`, `benchmarks/input_pipeline.py`,
+`benchmarks/trainer_overhead.py`, `benchmarks/evaluator.py`.
+"""
+
+
+def require(path: str) -> str:
+    if not os.path.exists(path):
+        raise SystemExit(f"needs {path} (../shared, or set VISIONTUNE_SHARED); see ../shared/README.md")
+    return path
+
+
+def load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"{one:.1f}/{five:.1f}"
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def machine() -> str:
+    try:
+        import tensorflow as tf
+        gpus = tf.config.list_physical_devices("GPU")
+    except Exception:  # noqa: BLE001
+        gpus = []
+    return f"{os.cpu_count()} CPU cores, {'%d GPU' % len(gpus) if gpus else 'no GPU'}, {platform.machine()}"
+
+
+def command() -> str:
+    return " ".join(["benchmarks/" + os.path.basename(sys.argv[0])] + sys.argv[1:])
+
+
+def today() -> str:
+    return str(datetime.date.today())
+
+
+def append_rows(title: str, intro: str, header: str, rows: Sequence[str]) -> None:
+    """Adds rows to the table under ``### title`` (created, with the section, if missing)."""
+    path = os.path.join(REPO, "BENCHMARKS.md")
+    marker = f"<!-- perf:{title} rows -->"
+    text = open(path).read()
+    if marker not in text:
+        if SECTION not in text:
+            text = text.rstrip("\n") + "\n\n" + SECTION + "\n" + SECTION_INTRO
+        ncols = header.count("|") - 1
+        text = (text.rstrip("\n") + f"\n\n### {title}\n\n{intro.strip()}\n\n{header}\n"
+                + "|" + "---|" * ncols + "\n" + marker + "\n")
+    text = text.replace(marker, "\n".join(rows) + "\n" + marker, 1)
+    open(path, "w").write(text)

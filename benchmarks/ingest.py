@@ -1,0 +1,125 @@
+"""Ingest throughput (`visiontune prepare`): images/s with 1 and 2 workers, side by side.
+
+For each dataset (flowers: 3,452 JPEGs kept as they are; GTSRB: 1,720 train +
+2,000 test PPMs converted to PNG) runs ``prepare_dataset`` into a temporary
+folder with ``data.workers=1`` (encodes in this process) and ``workers=2``
+(a ``spawn`` process pool), alternating 1,2,2,1,... after one untimed warm-up
+of each.  Wall time is the whole ``prepare_dataset`` call: listing, pool
+start-up (spawned workers import Python and Pillow), encoding, writing the
+shards.  The pool's start-up is also timed alone (start 2 spawn workers, run
+an empty task on each) to show how much of the run it is.
+Target: 2 workers >= 1.7x the images/s of 1 worker.
+
+    .venv/bin/python benchmarks/ingest.py [--repeats 3] [--datasets flowers,gtsrb] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
+import _perf_common as common  # noqa: E402
+from components import keras_env  # noqa: E402,F401
+
+TITLE = "Ingest: visiontune prepare, 1 vs 2 workers"
+INTRO = """
+`prepare_dataset` wall time (listing, pool start-up, decode/check/encode,
+shard writing) per dataset, 1 worker (in process) and 2 workers (spawned
+pool), alternated in one process; images/s = images written / wall time,
+median of the repeats.  "pool start" is starting 2 spawned workers alone.
+Target: scaling >= 1.7x.
+
+    .venv/bin/python benchmarks/ingest.py --repeats 3
+"""
+HEADER = ("| date | command | machine | dataset (images) | load 1/5 min | 1 worker img/s | "
+          "2 workers img/s | scaling | pool start s | target >= 1.7x |")
+
+
+def _noop(_):
+    return os.getpid()
+
+
+def pool_startup_seconds() -> float:
+    start = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
+        list(pool.map(_noop, range(2)))
+    return time.perf_counter() - start
+
+
+def data_configs():
+    from pipeline import configs
+
+    gtsrb = configs.load_config(os.path.join(common.REPO, "configs", "gtsrb.yaml")).data
+    flowers = configs.DataConfig(source=common.FLOWERS, eval_fraction=0.3, num_shards=4)
+    return {"flowers": flowers, "gtsrb": gtsrb}
+
+
+def one_run(data, workers: int, tmp: str):
+    from components import prepare
+
+    out = os.path.join(tmp, f"prepared-{workers}")
+    cfg = dataclasses.replace(data, workers=workers, prepared_dir=out)
+    start = time.perf_counter()
+    result = prepare.prepare_dataset(cfg, progress=False)
+    wall = time.perf_counter() - start
+    images = sum(sum(c.values()) for c in result.counts.values())
+    shutil.rmtree(out)
+    return images, wall
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per worker count")
+    parser.add_argument("--datasets", default="flowers,gtsrb")
+    parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    common.require(common.FLOWERS)
+    common.require(common.GTSRB)
+    import tensorflow as tf  # noqa: F401  # the parent writes shards with TF: import it before timing
+
+    configs_by_name = data_configs()
+    rows, report = [], {}
+    with tempfile.TemporaryDirectory(prefix="vt-ingest-") as tmp:
+        for name in args.datasets.split(","):
+            data = configs_by_name[name]
+            for w in (1, 2):  # warm-up: page cache, lazy imports
+                one_run(data, w, tmp)
+            rates = {1: [], 2: []}
+            loads = []
+            images = 0
+            for r in range(args.repeats):
+                order = (1, 2) if r % 2 == 0 else (2, 1)
+                for w in order:
+                    images, wall = one_run(data, w, tmp)
+                    rates[w].append(images / wall)
+                loads.append(os.getloadavg()[0])
+                print(f"{name} repeat {r}: 1w {rates[1][-1]:.0f} img/s, 2w {rates[2][-1]:.0f} img/s, "
+                      f"load {loads[-1]:.1f}", flush=True)
+            startup = common.median([pool_startup_seconds() for _ in range(3)])
+            one, two = common.median(rates[1]), common.median(rates[2])
+            scaling = two / one
+            report[name] = {"images": images, "img_per_s_1": rates[1], "img_per_s_2": rates[2],
+                            "scaling": scaling, "pool_startup_s": startup, "load": loads}
+            rows.append(f"| {common.today()} | `{common.command()}` | {common.machine()} | {name} ({images}) | "
+                        f"{common.load()} | {one:.0f} | {two:.0f} | {scaling:.2f}x | {startup:.1f} | "
+                        f"{'met' if scaling >= 1.7 else 'missed'} |")
+    print(json.dumps(report, indent=2))
+    print("\n".join(rows))
+    if not args.no_write:
+        common.append_rows(TITLE, INTRO, HEADER, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""``visiontune serve`` and ``visiontune predict``.
+
+``serve`` runs real TF Serving (``tensorflow_model_server``) when it is on
+PATH, and otherwise the built-in server, which implements the part of TF
+Serving's REST and gRPC APIs that clients use, with the same file-system
+polling of pushed versions.  ``predict`` is the client side: any image Pillow
+reads, top-k classes, batched requests, REST or gRPC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+
+TF_SERVING_BINARY = "tensorflow_model_server"
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("serve", help="serve SERVING_DIR/MODEL_NAME over TF Serving's REST and gRPC APIs",
+                       description="Serves the versions the Pusher writes under --model-base-path. Runs "
+                                   f"{TF_SERVING_BINARY} when it is on PATH, else a built-in server with "
+                                   "the same API (for development).")
+    p.add_argument("--model-base-path", required=True, help="SERVING_DIR/MODEL_NAME (holds version folders)")
+    p.add_argument("--model-name", help="name clients use (default: the base path's folder name)")
+    p.add_argument("--rest-port", type=int, default=8501, help="REST port; 0 turns REST off (default 8501)")
+    p.add_argument("--grpc-port", type=int, default=8500, help="gRPC port; 0 turns gRPC off (default 8500)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the built-in server binds (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--num-versions", type=int, default=2,
+                   help="latest versions kept available by number (default 2)")
+    p.add_argument("--poll-seconds", type=float, default=1.0,
+                   help="how often the base path is checked for new versions (default 1)")
+    p.add_argument("--max-batch-size", type=int, default=1024,
+                   help="built-in server: most instances per request (default 1024)")
+    p.add_argument("--max-body-bytes", type=int, default=64 << 20,
+                   help="built-in server: largest REST body / gRPC message (default 64 MiB)")
+    p.add_argument("--builtin", action="store_true",
+                   help=f"use the built-in server even when {TF_SERVING_BINARY} is installed")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("predict", help="classify images with a served model (REST or gRPC)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
+    p.add_argument("--server", help="REST URL, e.g. http://localhost:8501")
+    p.add_argument("--grpc", metavar="HOST:PORT", help="use gRPC at this address instead of REST")
+    p.add_argument("--model", required=True, help="model name")
+    p.add_argument("--version", type=int, help="a version number (default: the latest)")
+    p.add_argument("--signature", help="signature name (default serving_default)")
+    p.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per request (default 32)")
+    p.add_argument("--classes", help="classes.txt, or a model folder holding assets.extra/classes.txt, "
+                                     "for the names of the classes below the top one")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_predict)
+
+
+# ---------------------------------------------------------------- serve
+
+def tf_serving_config(name: str, base_path: str, num_versions: int) -> str:
+    """A ``--model_config_file`` (text proto) with the version policy the built-in server has."""
+    return ("model_config_list {\n  config {\n"
+            f"    name: {json.dumps(name)}\n    base_path: {json.dumps(os.path.abspath(base_path))}\n"
+            '    model_platform: "tensorflow"\n'
+            f"    model_version_policy {{ latest {{ num_versions: {num_versions} }} }}\n"
+            "  }\n}\n")
+
+
+def tf_serving_command(binary: str, args, name: str) -> list:
+    config_dir = tempfile.mkdtemp(prefix="visiontune-serving-")
+    config = os.path.join(config_dir, "models.config")
+    with open(config, "w") as f:
+        f.write(tf_serving_config(name, args.model_base_path, args.num_versions))
+    return [binary, f"--port={args.grpc_port}", f"--rest_api_port={args.rest_port}",
+            f"--model_config_file={config}",
+            f"--file_system_poll_wait_seconds={max(1, round(args.poll_seconds))}"]
+
+
+def cmd_serve(args) -> int:
+    from visiontune.cli import UserError
+
+    base = os.path.abspath(args.model_base_path)
+    if not os.path.isdir(base):
+        raise UserError(f"{base}: no such folder (the Pusher's SERVING_DIR/MODEL_NAME)")
+    name = args.model_name or os.path.basename(base.rstrip(os.sep))
+    if args.num_versions < 1:
+        raise UserError("--num-versions must be at least 1")
+    binary = None if args.builtin else shutil.which(TF_SERVING_BINARY)
+    if binary:
+        command = tf_serving_command(binary, args, name)
+        print(f"running TF Serving: {' '.join(command)}", flush=True)
+        if args.host not in ("127.0.0.1", "0.0.0.0"):
+            print("note: tensorflow_model_server listens on all interfaces; --host is ignored",
+                  file=sys.stderr)
+        os.execv(binary, command)
+    if not args.rest_port and not args.grpc_port:
+        raise UserError("both --rest-port and --grpc-port are 0: nothing to serve")
+    return serve_builtin(args, base, name)
+
+
+def serve_builtin(args, base: str, name: str) -> int:
+    from serving.model_server import Limits, ModelManager
+
+    manager = ModelManager(name, base, num_versions=args.num_versions, poll_seconds=args.poll_seconds,
+                           limits=Limits(args.max_batch_size, args.max_body_bytes))
+    manager.start(wait_seconds=max(30.0, 3 * args.poll_seconds))
+    servers = []
+    try:
+        if args.rest_port:
+            from serving.rest import RestServer
+
+            servers.append(RestServer(manager, args.host, args.rest_port).start())
+        if args.grpc_port:
+            from serving.grpc_server import GrpcServer
+
+            servers.append(GrpcServer(manager, args.host, args.grpc_port).start())
+    except OSError as e:
+        from visiontune.cli import UserError
+
+        for server in servers:
+            server.stop()
+        manager.stop()
+        raise UserError(f"cannot listen on {args.host}: {e}") from None
+    versions = manager.versions()
+    where = ", ".join(f"REST {s.url}" if hasattr(s, "url") else f"gRPC {s.target}" for s in servers)
+    print(f"built-in model server (no {TF_SERVING_BINARY} on PATH): model {name!r} from {base}, "
+          f"versions {versions or 'none yet (waiting for a push)'}; {where}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    for server in servers:
+        server.stop()
+    manager.stop()
+    return 0
+
+
+# ---------------------------------------------------------------- predict
+
+def cmd_predict(args) -> int:
+    from serving.client import GrpcClient, PredictionError, RestClient, classify_files, load_class_names
+    from visiontune.cli import UserError
+
+    if bool(args.server) == bool(args.grpc):
+        raise UserError("pass --server URL (REST) or --grpc HOST:PORT")
+    if args.top_k < 1 or args.batch_size < 1:
+        raise UserError("--top-k and --batch-size must be at least 1")
+    missing = [p for p in args.images if not os.path.isfile(p)]
+    if missing:
+        raise UserError(f"no such image file: {', '.join(missing)}")
+    names = load_class_names(args.classes) if args.classes else None
+    if args.grpc:
+        client = GrpcClient(args.grpc, args.model, args.version, args.signature, args.timeout)
+    else:
+        client = RestClient(args.server, args.model, args.version, args.signature, args.timeout)
+    try:
+        results = classify_files(client, args.images, args.top_k, args.batch_size, names)
+    except PredictionError as e:
+        raise UserError(f"{e.code}: {e.message}") from None
+    except ValueError as e:  # an image Pillow cannot read
+        raise UserError(str(e)) from None
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for row in results:
+            ranked = "  ".join(f"{c['class']} {c['probability']:.3f}" for c in row["top_k"])
+            print(f"{row['image']}: {ranked}")
+    return 0

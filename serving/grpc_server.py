@@ -1,0 +1,131 @@
+"""TF Serving's gRPC API over the built-in model server (protos from ``tensorflow-serving-api``).
+
+Implements what clients call: ``PredictionService/Predict``,
+``PredictionService/GetModelMetadata`` and ``ModelService/GetModelStatus``.
+Other methods answer UNIMPLEMENTED (the generated base servicer's default).
+Errors are TF Serving's status codes: INVALID_ARGUMENT for a bad request,
+NOT_FOUND for an unknown model or version; a message over the size limit is
+refused by gRPC itself with RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from typing import Optional
+
+import grpc
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
+                                     predict_pb2, prediction_service_pb2_grpc)
+
+from serving import tensors
+from serving.model_server import ModelManager, ServingError
+
+log = logging.getLogger("visiontune.serving")
+
+
+def _abort(context, e: ServingError):
+    context.abort(getattr(grpc.StatusCode, e.code, grpc.StatusCode.UNKNOWN), e.message)
+
+
+def _spec(model_spec):
+    version = model_spec.version.value if model_spec.HasField("version") else None
+    return model_spec.name, version, model_spec.version_label or None
+
+
+class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, manager: ModelManager):
+        self.manager = manager
+
+    def Predict(self, request, context):
+        try:
+            servable = self.manager.servable(*_spec(request.model_spec))
+            signature = servable.signature(request.model_spec.signature_name)
+            inputs = {}
+            for name, proto in request.inputs.items():
+                if name in signature.inputs:
+                    inputs[name] = tensors.from_tensor_proto(proto, signature.inputs[name], name)
+                else:
+                    inputs[name] = None  # reported by predict() with the full list of names
+            outputs = self.manager.predict(servable, signature, inputs, list(request.output_filter))
+            response = predict_pb2.PredictResponse()
+            response.model_spec.name = self.manager.name
+            response.model_spec.version.value = servable.version
+            response.model_spec.signature_name = signature.name
+            for name, value in outputs.items():
+                response.outputs[name].CopyFrom(
+                    tensors.to_tensor_proto(value, signature.outputs[name].dtype))
+            return response
+        except ServingError as e:
+            _abort(context, e)
+        except Exception as e:  # keep serving; report what happened
+            log.exception("Predict failed")
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+    def GetModelMetadata(self, request, context):
+        try:
+            fields = list(request.metadata_field)
+            if fields != ["signature_def"]:
+                raise ServingError("INVALID_ARGUMENT", "Metadata field(s) not supported: "
+                                   f"{[f for f in fields if f != 'signature_def'] or 'none requested'}; "
+                                   "request 'signature_def'")
+            servable = self.manager.servable(*_spec(request.model_spec))
+            defs = get_model_metadata_pb2.SignatureDefMap()
+            for name, sig in servable.signature_defs.items():
+                defs.signature_def[name].CopyFrom(sig)
+            response = get_model_metadata_pb2.GetModelMetadataResponse()
+            response.model_spec.name = self.manager.name
+            response.model_spec.version.value = servable.version
+            response.metadata["signature_def"].Pack(defs)
+            return response
+        except ServingError as e:
+            _abort(context, e)
+
+
+class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, manager: ModelManager):
+        self.manager = manager
+
+    def GetModelStatus(self, request, context):
+        try:
+            name, version, _ = _spec(request.model_spec)
+            response = get_model_status_pb2.GetModelStatusResponse()
+            for s in self.manager.status(name, version):
+                entry = response.model_version_status.add()
+                entry.version = s.version
+                entry.state = get_model_status_pb2.ModelVersionStatus.State.Value(s.state)
+                entry.status.error_code = getattr(grpc.StatusCode, s.error_code).value[0]
+                entry.status.error_message = s.error_message
+            return response
+        except ServingError as e:
+            _abort(context, e)
+
+
+class GrpcServer:
+    def __init__(self, manager: ModelManager, host: str = "127.0.0.1", port: int = 8500,
+                 max_workers: int = 8):
+        limit = manager.limits.max_body_bytes
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+                                  options=[("grpc.max_receive_message_length", limit),
+                                           ("grpc.max_send_message_length", -1),
+                                           ("grpc.so_reuseport", 0)])
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(manager),
+                                                                           self.server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), self.server)
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.port = self.server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot bind gRPC to {address}")
+        self.host = host
+
+    @property
+    def target(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def start(self) -> "GrpcServer":
+        self.server.start()
+        return self
+
+    def stop(self, grace: Optional[float] = 1.0) -> None:
+        self.server.stop(grace).wait()

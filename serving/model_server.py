@@ -1,0 +1,381 @@
+"""The built-in model server's core: versions of one model, loaded and swapped safely.
+
+TF Serving watches ``BASE_PATH/<version>/`` and serves the latest N versions;
+this module does the same for the built-in server (``visiontune serve`` when
+no ``tensorflow_model_server`` is installed):
+
+* A poller thread rescans the base path every ``poll_seconds``.  A version
+  folder is a candidate once ``saved_model.pb`` is there (the Pusher, like
+  TF Serving's own tooling, writes it last) *and* the folder has not changed
+  since the previous scan, so a copy still in progress is never loaded.
+* The new version is loaded and warmed up in the poller thread while the
+  previous ones keep answering; it joins the served set in one atomic swap.
+  A version that fails to load is reported (``END`` with the error) and
+  retried only when its files change; it never displaces a good version.
+* The latest ``num_versions`` loaded versions stay available by number;
+  older ones are unloaded after the new one is serving.  A request holds a
+  reference to its version, so unloading never breaks one in flight.
+
+Request handling (:meth:`ModelManager.predict`) validates inputs against the
+signature and raises :class:`ServingError` with TF Serving's status codes,
+which the REST and gRPC front ends turn into their own error shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+from components import keras_env  # noqa: F401
+
+log = logging.getLogger("visiontune.serving")
+
+DEFAULT_SIGNATURE = "serving_default"
+PREDICT_METHOD = "tensorflow/serving/predict"
+
+# ModelVersionStatus.State values (tensorflow_serving/apis/get_model_status.proto).
+START, LOADING, AVAILABLE, UNLOADING, END = "START", "LOADING", "AVAILABLE", "UNLOADING", "END"
+
+
+class ServingError(Exception):
+    """A request that cannot be served; ``code`` is a gRPC status code name.
+
+    ``INVALID_ARGUMENT`` (HTTP 400) for malformed requests, ``NOT_FOUND``
+    (HTTP 404) for unknown models and versions, as TF Serving does.
+    """
+
+    HTTP_STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400,
+                   "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 413, "UNAVAILABLE": 503,
+                   "UNIMPLEMENTED": 501, "INTERNAL": 500, "UNKNOWN": 500}
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def http_status(self) -> int:
+        return self.HTTP_STATUS.get(self.code, 500)
+
+
+def invalid(message: str) -> ServingError:
+    return ServingError("INVALID_ARGUMENT", message)
+
+
+@dataclasses.dataclass
+class Limits:
+    """Request limits of the built-in server (TF Serving has none of its own)."""
+
+    max_batch_size: int = 1024          # instances per request
+    max_body_bytes: int = 64 << 20      # REST body / gRPC message
+
+
+@dataclasses.dataclass
+class Signature:
+    name: str
+    function: object                      # the loaded ConcreteFunction
+    inputs: Dict[str, object]             # input name -> tf.TensorSpec
+    outputs: Dict[str, object]            # output name -> tf.TensorSpec
+
+
+@dataclasses.dataclass
+class Servable:
+    """One loaded version: the SavedModel, its callable signatures, its SignatureDefs."""
+
+    version: int
+    path: str
+    model: object
+    signatures: Dict[str, Signature]
+    signature_defs: object                # meta_graph_pb2 SignatureDef map (for metadata)
+
+    def signature(self, name: Optional[str]) -> Signature:
+        name = name or DEFAULT_SIGNATURE
+        if name not in self.signatures:
+            # TF Serving's wording (http_rest_api_handler.cc), INVALID_ARGUMENT.
+            raise invalid(f'Serving signature name: "{name}" not found in signature def')
+        return self.signatures[name]
+
+
+@dataclasses.dataclass
+class VersionStatus:
+    version: int
+    state: str
+    error_code: str = "OK"
+    error_message: str = ""
+
+
+def _fingerprint(path: str) -> Tuple:
+    """(relative path, size, mtime) of every file: changes while a copy is in progress."""
+    entries = []
+    for root, _, files in os.walk(path):
+        for f in files:
+            full = os.path.join(root, f)
+            try:
+                st = os.stat(full)
+            except FileNotFoundError:
+                continue
+            entries.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
+    return tuple(sorted(entries))
+
+
+def load_servable(version: int, path: str, warmup: bool = True) -> Servable:
+    """Loads a SavedModel version as TF Serving would (tag ``serve``), then warms it up."""
+    import tensorflow as tf
+    from tensorflow.python.saved_model import loader_impl
+
+    saved_model = loader_impl.parse_saved_model(path)
+    meta_graph = next((m for m in saved_model.meta_graphs if "serve" in m.meta_info_def.tags), None)
+    if meta_graph is None:
+        raise ValueError(f"{path}: no MetaGraph tagged 'serve'")
+    model = tf.saved_model.load(path, tags=["serve"])
+    signatures = {}
+    for name, fn in model.signatures.items():
+        if name.startswith("__"):
+            continue  # __saved_model_init_op and friends are not callable signatures
+        _, kwargs = fn.structured_input_signature
+        outputs = fn.structured_outputs
+        signatures[name] = Signature(name, fn, dict(kwargs),
+                                     {k: tf.TensorSpec(v.shape, v.dtype, k) for k, v in outputs.items()})
+    defs = {k: v for k, v in meta_graph.signature_def.items() if k in signatures}
+    servable = Servable(version, path, model, signatures, defs)
+    if warmup:
+        _warm_up(servable)
+    return servable
+
+
+def _warm_up(servable: Servable) -> None:
+    """Runs one tiny request so the first client does not pay for graph initialisation.
+
+    (TF Serving reads ``assets.extra/tf_serving_warmup_requests`` for this; our
+    models have a known input, one encoded image.)
+    """
+    import tensorflow as tf
+
+    sig = servable.signatures.get(DEFAULT_SIGNATURE)
+    if sig is None or list(sig.inputs) != ["image_bytes"]:
+        return
+    try:
+        png = tf.io.encode_png(tf.zeros([8, 8, 3], tf.uint8))
+        sig.function(image_bytes=tf.reshape(png, [1]))
+    except Exception as e:  # a warm-up failure is not a load failure
+        log.warning("version %d: warm-up failed: %s", servable.version, e)
+
+
+class ModelManager:
+    """Serves the latest ``num_versions`` versions of one model from ``base_path``."""
+
+    def __init__(self, name: str, base_path: str, num_versions: int = 2, poll_seconds: float = 1.0,
+                 limits: Optional[Limits] = None, warmup: bool = True):
+        if num_versions < 1:
+            raise ValueError("num_versions must be at least 1")
+        self.name = name
+        self.base_path = os.path.abspath(base_path)
+        self.num_versions = num_versions
+        self.poll_seconds = poll_seconds
+        self.limits = limits or Limits()
+        self.warmup = warmup
+        self._servables: Dict[int, Servable] = {}   # replaced, never mutated in place
+        self._status: Dict[int, VersionStatus] = {}
+        self._seen: Dict[int, Tuple] = {}           # version -> fingerprint at the last scan
+        self._failed: Dict[int, Tuple] = {}         # version -> fingerprint that failed to load
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, wait_seconds: float = 0.0) -> "ModelManager":
+        """Loads what is on disk now, then polls in a daemon thread.
+
+        ``wait_seconds``: how long to wait for a version that is on disk but was
+        written too recently to count as complete at the first scan.
+        """
+        self.poll_once(initial=True)
+        self._thread = threading.Thread(target=self._run, name=f"poll-{self.name}", daemon=True)
+        self._thread.start()
+        # Versions just written are loaded by the poller once settled; wait for them, not for an empty folder.
+        deadline = time.monotonic() + wait_seconds
+        while self._seen and not self._servables and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.poll_once()
+            except Exception:  # keep polling: a transient file-system error must not stop reloads
+                log.exception("polling %s failed", self.base_path)
+
+    # ------------------------------------------------------------------ polling
+
+    def _on_disk(self) -> Dict[int, str]:
+        try:
+            names = os.listdir(self.base_path)
+        except FileNotFoundError:
+            return {}
+        return {int(n): os.path.join(self.base_path, n) for n in names
+                if n.isdigit() and os.path.isdir(os.path.join(self.base_path, n))}
+
+    def poll_once(self, initial: bool = False) -> None:
+        on_disk = self._on_disk()
+        ready = {}
+        for version, path in on_disk.items():
+            if not os.path.exists(os.path.join(path, "saved_model.pb")):
+                self._seen.pop(version, None)
+                continue  # still being written: the Pusher copies saved_model.pb last
+            fp = _fingerprint(path)
+            settled = self._seen.get(version) == fp or (initial and self._is_old(fp, path))
+            self._seen[version] = fp
+            if self._failed.get(version) == fp:
+                continue  # failed before with exactly these files
+            if settled:
+                ready[version] = path
+        # Versions gone from disk are unloaded, as TF Serving does.
+        for version in [v for v in self._servables if v not in on_disk]:
+            self._unload(version)
+        wanted = sorted(set(ready) | set(self._servables), reverse=True)[:self.num_versions]
+        for version in sorted(wanted, reverse=True):
+            if version not in self._servables:
+                self._load(version, ready[version])
+        loaded = sorted(self._servables, reverse=True)
+        for version in loaded[self.num_versions:]:
+            self._unload(version)
+
+    @staticmethod
+    def _is_old(fp: Tuple, path: str, seconds: float = 2.0) -> bool:
+        """At start-up there is no previous scan: files untouched for a while count as settled."""
+        newest = max((mtime for _, _, mtime in fp), default=0)
+        return time.time() - newest / 1e9 > seconds
+
+    def _load(self, version: int, path: str) -> None:
+        self._status[version] = VersionStatus(version, LOADING)
+        started = time.monotonic()
+        try:
+            servable = load_servable(version, path, warmup=self.warmup)
+        except Exception as e:
+            self._failed[version] = self._seen.get(version)
+            message = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            self._status[version] = VersionStatus(version, END, "UNKNOWN", message)
+            log.warning("model %s version %d failed to load: %s", self.name, version, message)
+            return
+        with self._lock:
+            self._servables = {**self._servables, version: servable}
+        self._failed.pop(version, None)
+        self._status[version] = VersionStatus(version, AVAILABLE)
+        log.info("model %s version %d is available (loaded in %.1f s)", self.name, version,
+                 time.monotonic() - started)
+
+    def _unload(self, version: int) -> None:
+        self._status[version] = VersionStatus(version, UNLOADING)
+        with self._lock:
+            self._servables = {v: s for v, s in self._servables.items() if v != version}
+        self._status[version] = VersionStatus(version, END)
+        log.info("model %s version %d unloaded", self.name, version)
+
+    # ------------------------------------------------------------------ queries
+
+    def _check_name(self, name: str) -> None:
+        if name != self.name:
+            raise ServingError("NOT_FOUND", f"Servable not found for request: Latest({name})")
+
+    def servable(self, name: str, version: Optional[int] = None, label: Optional[str] = None) -> Servable:
+        """The version a request names, or the latest available one."""
+        self._check_name(name)
+        if label:
+            raise ServingError("NOT_FOUND", f"Unrecognized servable version label: {label}")
+        servables = self._servables  # one consistent snapshot
+        if version is None:
+            if not servables:
+                raise ServingError("NOT_FOUND", f"Servable not found for request: Latest({name})")
+            return servables[max(servables)]
+        if version not in servables:
+            raise ServingError("NOT_FOUND", f"Servable not found for request: Specific({name}, {version})")
+        return servables[version]
+
+    def versions(self) -> List[int]:
+        return sorted(self._servables)
+
+    def status(self, name: str, version: Optional[int] = None) -> List[VersionStatus]:
+        self._check_name(name)
+        if version is not None:
+            if version not in self._status:
+                raise ServingError("NOT_FOUND", f"Could not find version {version} of model {name}")
+            return [self._status[version]]
+        if not self._status:
+            raise ServingError("NOT_FOUND", f"Could not find any versions of model {name}")
+        return [self._status[v] for v in sorted(self._status, reverse=True)]
+
+    def wait_for_version(self, version: int, timeout: float = 60.0) -> Servable:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if version in self._servables:
+                return self._servables[version]
+            time.sleep(0.05)
+        raise TimeoutError(f"version {version} not available after {timeout} s")
+
+    # ------------------------------------------------------------------ inference
+
+    def predict(self, servable: Servable, signature: Signature, inputs: Mapping[str, object],
+                output_filter: Sequence[str] = ()) -> Dict[str, object]:
+        """Runs ``signature`` on numpy ``inputs``; returns numpy outputs by name."""
+        import numpy as np
+        import tensorflow as tf
+
+        expected = set(signature.inputs)
+        if set(inputs) != expected:
+            missing, extra = sorted(expected - set(inputs)), sorted(set(inputs) - expected)
+            raise invalid(f"input names do not match signature {signature.name!r}: "
+                          f"expected {sorted(expected)}" + (f", missing {missing}" if missing else "")
+                          + (f", unknown {extra}" if extra else ""))
+        unknown = [o for o in output_filter if o not in signature.outputs]
+        if unknown:
+            raise invalid(f"output tensor alias not found in signature: {', '.join(unknown)}")
+        tensors = {}
+        for name, value in inputs.items():
+            spec = signature.inputs[name]
+            array = np.asarray(value)
+            if array.ndim and array.shape[0] > self.limits.max_batch_size:
+                raise invalid(f"batch of {array.shape[0]} instances exceeds the server's limit of "
+                              f"{self.limits.max_batch_size} (--max-batch-size)")
+            if not spec.shape.is_compatible_with(array.shape):
+                raise invalid(f"input {name!r} has shape {list(array.shape)}, the signature expects "
+                              f"{spec.shape.as_list() if spec.shape.rank is not None else 'any'}")
+            try:
+                tensors[name] = tf.convert_to_tensor(array, dtype=spec.dtype)
+            except (TypeError, ValueError) as e:
+                raise invalid(f"input {name!r} cannot be converted to {spec.dtype.name}: {e}") from None
+        try:
+            result = signature.function(**tensors)
+        except (tf.errors.InvalidArgumentError, tf.errors.OutOfRangeError) as e:
+            # Bytes that are not an image land here (DecodeImage), as in TF Serving.
+            raise invalid(tf_error_message(e)) from None
+        except tf.errors.OpError as e:
+            raise ServingError(_code_name(e.error_code) if e.error_code else "INTERNAL",
+                               tf_error_message(e)) from None
+        wanted = output_filter or list(result)
+        return {k: result[k].numpy() for k in wanted}
+
+
+def tf_error_message(e) -> str:
+    """The op's own message, without eager's "Graph execution error" and node trace lines."""
+    import re
+
+    lines = [line.strip() for line in (e.message or str(e)).splitlines()]
+    kept = [line for line in lines if line and not line.startswith(("Graph execution error", "Detected at node",
+                                                                    "<stack traces", "[[", "File "))]
+    return re.sub(r"\s*\[\[.*|\s*\[Op:[^\]]*\]", "", " ".join(kept)).strip() or lines[0]
+
+
+def _code_name(code: int) -> str:
+    import grpc
+
+    return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")

@@ -1,0 +1,353 @@
+"""Vertex AI: the GTSRB config compiled offline for Vertex AI Pipelines, and submit without credentials.
+
+The compiled PipelineJob JSON is parsed with KFP's pipeline-spec proto and its
+DAG checked: component order, image, the Trainer's Vertex AI Training job
+(machine, GPUs, TPU), Dataflow options on the Beam components only, and no
+local path anywhere.  Only the calls that need Google Cloud (submitting,
+Dataflow, Vertex AI Training, the Endpoint) are not exercised.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from google.protobuf import json_format
+from kfp.pipeline_spec import pipeline_spec_pb2
+
+from pipeline import configs, vertex_runner
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GTSRB_CONFIG = os.path.join(REPO, "configs", "gtsrb.yaml")
+IMAGE = "us-central1-docker.pkg.dev/test-project/visiontune/visiontune:0.1.0"
+ROOT = "gs://test-bucket/visiontune/gtsrb"
+GTSRB_CLASSES = [str(i) for i in range(43)]
+VERTEX = [f"vertex.project=test-project", "vertex.region=europe-west4", f"vertex.root={ROOT}",
+          f"vertex.image={IMAGE}", "vertex.service_account=pipelines@test-project.iam.gserviceaccount.com"]
+BEAM_COMPONENTS = {"ImportExampleGen", "StatisticsGen", "Transform", "Evaluator"}
+ORDER = ["ImportExampleGen", "StatisticsGen", "SchemaGen", "ExampleValidator", "Transform",
+         "Trainer", "Evaluator", "Pusher"]
+
+
+def _classes_file(tmp_path):
+    path = tmp_path / "classes.txt"
+    path.write_text("\n".join(GTSRB_CLASSES) + "\n")
+    return str(path)
+
+
+def _compile(tmp_path, *overrides, classes=None):
+    """Compiles the GTSRB config in-process; returns (PipelineJob proto, JSON dict)."""
+    config = configs.load_config(GTSRB_CONFIG, VERTEX + list(overrides))
+    output = tmp_path / "pipeline.json"
+    vertex_runner.compile_pipeline(config, str(output), classes or GTSRB_CLASSES, has_test_split=True)
+    job_dict = json.loads(output.read_text())
+    job = json_format.ParseDict(job_dict, pipeline_spec_pb2.PipelineJob())
+    return job, job_dict
+
+
+def _spec(job) -> pipeline_spec_pb2.PipelineSpec:
+    spec = pipeline_spec_pb2.PipelineSpec()
+    json_format.ParseDict(json_format.MessageToDict(job.pipeline_spec), spec)
+    return spec
+
+
+def _param(spec, task, name):
+    value = spec.root.dag.tasks[task].inputs.parameters[name].runtime_value.constant_value
+    return value.string_value
+
+
+def _container(spec, task):
+    executor = spec.components[spec.root.dag.tasks[task].component_ref.name].executor_label
+    return spec.deployment_spec.fields["executors"].struct_value.fields[executor] \
+        .struct_value.fields["container"].struct_value
+
+
+def _args(container):
+    return [v.string_value for v in container.fields["args"].list_value.values]
+
+
+def _topological_order(spec):
+    tasks = spec.root.dag.tasks
+    done, order = set(), []
+    while len(order) < len(tasks):
+        ready = sorted(t for t in tasks if t not in done and set(tasks[t].dependent_tasks) <= done)
+        assert ready, "the DAG has a cycle"
+        for t in ready:
+            done.add(t)
+            order.append(t)
+    return order
+
+
+def _trainer_custom_config(spec):
+    return json.loads(_param(spec, "Trainer", "custom_config"))
+
+
+@pytest.fixture(scope="module")
+def gpu_job(tmp_path_factory):
+    return _compile(tmp_path_factory.mktemp("gpu"))
+
+
+def test_compiles_offline_to_a_pipeline_job_with_the_whole_dag(gpu_job):
+    job, _ = gpu_job
+    spec = _spec(job)
+    assert spec.pipeline_info.name == "gtsrb" and spec.sdk_version == "tfx-1.16.0"
+    assert job.runtime_config.gcs_output_directory == f"{ROOT}/pipeline_root"
+    tasks = spec.root.dag.tasks
+    assert set(ORDER) <= set(tasks) and "endpoint_pusher" not in tasks
+    order = _topological_order(spec)
+    positions = [order.index(name) for name in ORDER]
+    assert positions == sorted(positions), order
+    deps = {name: set(tasks[name].dependent_tasks) for name in ORDER}
+    assert deps["StatisticsGen"] == {"ImportExampleGen"}
+    assert deps["Transform"] == {"ImportExampleGen", "SchemaGen"}
+    assert deps["Trainer"] == {"SchemaGen", "Transform"}
+    assert {"ImportExampleGen", "Trainer"} <= deps["Evaluator"]
+    assert any("resolver" in d for d in deps["Evaluator"])  # the latest blessed model as baseline
+    assert deps["Pusher"] == {"Evaluator", "Trainer"}
+    assert _param(spec, "ImportExampleGen", "input_base") == f"{ROOT}/prepared"
+    splits = json.loads(_param(spec, "ImportExampleGen", "input_config"))["splits"]
+    assert [s["name"] for s in splits] == ["train", "eval", "test"]
+
+
+def test_every_step_runs_in_the_image_with_module_code_inside(gpu_job):
+    spec = _spec(gpu_job[0])
+    for task in ORDER:
+        container = _container(spec, task)
+        assert container.fields["image"].string_value == IMAGE, task
+    # Module code is referenced by dotted path: it travels inside the image.
+    assert _param(spec, "Trainer", "run_fn") == "components.trainer.run_fn"
+    assert _param(spec, "Transform", "preprocessing_fn") == "components.transform.preprocessing_fn"
+    assert "module_file" not in spec.root.dag.tasks["Trainer"].inputs.parameters
+    assert _args(_container(spec, "Pusher"))[:2] == ["--executor_class_path", "components.pusher.Executor"]
+    push = json.loads(_param(spec, "Pusher", "push_destination"))
+    assert push["filesystem"]["base_directory"] == f"{ROOT}/serving/gtsrb"
+
+
+def test_trainer_runs_on_vertex_ai_training_with_the_configured_gpu(gpu_job):
+    spec = _spec(gpu_job[0])
+    assert _args(_container(spec, "Trainer"))[1] == \
+        "tfx.extensions.google_cloud_ai_platform.trainer.executor.GenericExecutor"
+    custom = _trainer_custom_config(spec)
+    assert custom["ai_platform_enable_vertex"] is True
+    assert custom["ai_platform_vertex_region"] == "europe-west4"
+    training = custom["ai_platform_training_args"]
+    assert training["project"] == "test-project"
+    (pool,) = training["job_spec"]["worker_pool_specs"]
+    assert pool["machine_spec"] == {"machine_type": "a2-highgpu-1g",
+                                    "accelerator_type": "NVIDIA_TESLA_A100", "accelerator_count": 1}
+    assert pool["container_spec"] == {"image_uri": IMAGE}
+    assert training["job_spec"]["service_account"] == "pipelines@test-project.iam.gserviceaccount.com"
+    # What run_fn sees: GCS paths, no TPU (so GPUs pick the strategy), the classes in order.
+    assert custom["config"]["training"]["tpu"] == ""
+    assert custom["config"]["model"]["weights"] == "imagenet"
+    assert custom["config"]["data"]["prepared_dir"] == f"{ROOT}/prepared"
+    assert custom["state_root"] == f"{ROOT}/pipeline_root/trainer_state"
+    assert custom["classes"] == GTSRB_CLASSES
+    assert "vertex" not in custom["config"]
+
+
+def test_dataflow_arguments_go_to_the_beam_components_only(gpu_job):
+    spec = _spec(gpu_job[0])
+    for task in ORDER:
+        args = _args(_container(spec, task))
+        beam = [a for a in args if a.startswith("--") and a not in
+                ("--executor_class_path", "--json_serialized_invocation_args")]
+        if task not in BEAM_COMPONENTS:
+            assert beam == [], (task, beam)
+            continue
+        assert "--runner=DataflowRunner" in beam, task
+        for expected in ("--project=test-project", "--region=europe-west4",
+                         f"--temp_location={ROOT}/dataflow/tmp", f"--staging_location={ROOT}/dataflow/staging",
+                         "--machine_type=n1-standard-4", "--max_num_workers=4",
+                         f"--sdk_container_image={IMAGE}",
+                         "--service_account_email=pipelines@test-project.iam.gserviceaccount.com"):
+            assert expected in beam, (task, expected)
+        assert not any(a.startswith("--direct_") for a in beam), task
+    # ExampleGen's driver (which resolves the input span) gets them too.
+    lifecycle = _container(spec, "ImportExampleGen").fields["lifecycle"].struct_value
+    driver_args = [v.string_value for v in lifecycle.fields["preCacheCheck"].struct_value
+                   .fields["args"].list_value.values]
+    assert "--runner=DataflowRunner" in driver_args
+
+
+def test_no_local_path_is_left_in_the_spec(gpu_job, tmp_path):
+    _, job_dict = gpu_job
+    # Nested JSON (custom_config, push_destination) sits escaped inside strings: unescape it.
+    text = json.dumps(job_dict).replace('\\"', '"')
+    for local in (REPO, os.path.dirname(REPO), os.getcwd(), str(tmp_path), os.path.expanduser("~")):
+        assert local not in text, local
+    assert not re.findall(r"(?<![\w.\-])/(?:work|tmp|home|root|Users|var|mnt)\b", text)
+    assert "../shared" not in text and "outputs/" not in text
+    # Every absolute location is on GCS or is the image.
+    locations = set(re.findall(r"[a-z]+://[^\"\\\s]+", text))
+    assert locations and all(loc.startswith("gs://test-bucket/") for loc in locations), locations
+
+
+def test_four_v100s_and_a_tpu(tmp_path):
+    job, _ = _compile(tmp_path, "vertex.training.machine_type=n1-standard-16",
+                      "vertex.training.accelerator_type=NVIDIA_TESLA_V100",
+                      "vertex.training.accelerator_count=4")
+    custom = _trainer_custom_config(_spec(job))
+    (pool,) = custom["ai_platform_training_args"]["job_spec"]["worker_pool_specs"]
+    assert pool["machine_spec"] == {"machine_type": "n1-standard-16",
+                                    "accelerator_type": "NVIDIA_TESLA_V100", "accelerator_count": 4}
+    # Several GPUs on one machine: components.strategy picks MirroredStrategy from the hardware.
+    assert custom["config"]["training"]["tpu"] == ""
+
+    job, _ = _compile(tmp_path, "vertex.training.machine_type=cloud-tpu",
+                      "vertex.training.accelerator_type=TPU_V3", "vertex.training.accelerator_count=8")
+    custom = _trainer_custom_config(_spec(job))
+    (pool,) = custom["ai_platform_training_args"]["job_spec"]["worker_pool_specs"]
+    assert pool["machine_spec"] == {"machine_type": "cloud-tpu", "accelerator_type": "TPU_V3",
+                                    "accelerator_count": 8}
+    # training.tpu set: components.strategy.create_strategy builds a TPUStrategy.
+    assert custom["config"]["training"]["tpu"] == "local"
+
+
+def test_optional_endpoint_push_and_dataflow_off(tmp_path):
+    job, _ = _compile(tmp_path, "vertex.endpoint.name=gtsrb-signs", "vertex.dataflow.enabled=false",
+                      "vertex.training.accelerator_type=", "vertex.training.accelerator_count=0",
+                      "vertex.training.machine_type=n1-standard-8")
+    spec = _spec(job)
+    assert set(spec.root.dag.tasks["endpoint_pusher"].dependent_tasks) == {"Evaluator", "Trainer"}
+    assert _args(_container(spec, "endpoint_pusher"))[1] == \
+        "tfx.extensions.google_cloud_ai_platform.pusher.executor.Executor"
+    custom = json.loads(_param(spec, "endpoint_pusher", "custom_config"))
+    assert custom["ai_platform_enable_vertex"] is True
+    assert custom["ai_platform_vertex_region"] == "europe-west4"
+    assert custom["ai_platform_serving_args"]["endpoint_name"] == "gtsrb-signs"
+    assert custom["ai_platform_serving_args"]["project_id"] == "test-project"
+    assert custom["ai_platform_vertex_container_image_uri"].startswith("us-docker.pkg.dev/vertex-ai/prediction/")
+    # The filesystem Pusher still pushes to GCS.
+    assert "Pusher" in spec.root.dag.tasks
+    # Dataflow off: the Beam components run DirectRunner in their containers, with no options.
+    for task in BEAM_COMPONENTS:
+        assert not [a for a in _args(_container(spec, task)) if a.startswith("--runner")]
+    pool = _trainer_custom_config(spec)["ai_platform_training_args"]["job_spec"]["worker_pool_specs"][0]
+    assert pool["machine_spec"] == {"machine_type": "n1-standard-8"}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["vertex.project=YOUR_PROJECT"], "vertex.project: 'YOUR_PROJECT' is a placeholder"),
+    (["vertex.root=/work/data"], "vertex.root: '/work/data' is not a gs:// location"),
+    (["vertex.image="], "vertex.image: not set"),
+    (["vertex.weights="], "model.weights: .* is a local file"),
+    (["vertex.training.accelerator_count=0"], "set accelerator_type and accelerator_count together"),
+    (["vertex.training.machine_type=n1-standard-8"], "NVIDIA_TESLA_A100 runs on a2-highgpu-"),
+])
+def test_invalid_vertex_settings_are_named(tmp_path, overrides, message):
+    config = configs.load_config(GTSRB_CONFIG, VERTEX + overrides)
+    with pytest.raises(vertex_runner.VertexError, match=message):
+        vertex_runner.compile_pipeline(config, str(tmp_path / "p.json"), GTSRB_CLASSES, True)
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_the_shipped_placeholders_are_refused():
+    config = configs.load_config(GTSRB_CONFIG)
+    with pytest.raises(vertex_runner.VertexError, match="placeholder"):
+        vertex_runner.validate(config)
+
+
+def test_classes_come_from_a_file_the_local_prepared_dir_or_the_config(tmp_path):
+    config = configs.load_config(GTSRB_CONFIG, VERTEX + [f"data.prepared_dir={tmp_path / 'none'}"])
+    with pytest.raises(vertex_runner.VertexError, match="--classes-file"):
+        vertex_runner.load_classes(config)
+    classes, has_test = vertex_runner.load_classes(config, _classes_file(tmp_path))
+    assert classes == GTSRB_CLASSES and has_test  # the config prepares a test set
+    config.data.classes = ["b", "a"]
+    assert vertex_runner.load_classes(config)[0] == ["b", "a"]
+
+
+def test_classes_and_test_split_from_a_local_prepared_dataset(shapes_prepared, tmp_path):
+    config = configs.load_config(GTSRB_CONFIG, VERTEX + [f"data.prepared_dir={shapes_prepared.output_dir}",
+                                                         "evaluation.split=eval"])
+    classes, has_test = vertex_runner.load_classes(config)
+    assert classes == list(shapes_prepared.classes) and has_test is False
+
+
+def test_local_pipeline_of_the_same_config_is_unchanged(tmp_path):
+    """The vertex: section changes nothing locally: stock Trainer and Pusher, DirectRunner only."""
+    from pipeline import local_runner, pipeline as pipeline_lib
+    from components import prepare
+
+    config = configs.load_config(GTSRB_CONFIG, VERTEX + [f"pipeline.output_dir={tmp_path / 'run'}"])
+    prepared = prepare.PrepareResult(output_dir=config.data.prepared_dir, classes=GTSRB_CLASSES,
+                                     counts={"train": {"0": 1}, "eval": {"0": 1}, "test": {"0": 1}},
+                                     rejects=[])
+    pipeline = local_runner.create_local_pipeline(config, prepared)
+    by_id = {c.id: c for c in pipeline.components}
+    assert "endpoint_pusher" not in by_id
+    assert type(by_id["Trainer"]).__module__ == "tfx.components.trainer.component"
+    trainer_custom = json.loads(by_id["Trainer"].exec_properties["custom_config"])
+    assert trainer_custom["config"]["training"]["tpu"] == ""
+    assert "ai_platform_training_args" not in trainer_custom
+    for name in BEAM_COMPONENTS:
+        assert by_id[name].executor_spec.beam_pipeline_args == local_runner.beam_args(1)
+    # Without the vertex: section the local Trainer settings (its cache key) are identical.
+    plain = configs.load_config(GTSRB_CONFIG, [f"pipeline.output_dir={tmp_path / 'run'}"])
+    plain.vertex = configs.VertexConfig()
+    other = {c.id: c for c in local_runner.create_local_pipeline(plain, prepared).components}
+    assert json.loads(other["Trainer"].exec_properties["custom_config"]) == trainer_custom
+    assert pipeline_lib.TRAINER_FN == "components.trainer.run_fn"
+
+
+def _cli(*args, env=None, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "visiontune.cli", *args], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=cwd)
+
+
+def _no_credentials_env(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "CLOUDSDK_", "GCE_"))}
+    env.update(GOOGLE_APPLICATION_CREDENTIALS=str(tmp_path / "missing-key.json"),
+               CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),  # no gcloud application-default login
+               GCE_METADATA_HOST="127.0.0.1:9", GCE_METADATA_IP="127.0.0.1:9")  # no metadata server
+    return env
+
+
+def test_cli_compile_then_submit_without_credentials(tmp_path):
+    env = _no_credentials_env(tmp_path)
+    output = tmp_path / "out" / "pipeline.json"
+    result = _cli("compile", "--config", GTSRB_CONFIG, "--target", "vertex", "--output", str(output),
+                  "--classes-file", _classes_file(tmp_path), "--project", "test-project",
+                  "--gcs-root", ROOT, "--image", IMAGE, "--set", "data.prepared_dir=" + str(tmp_path / "none"),
+                  env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "compiled gtsrb" in result.stdout and "Traceback" not in result.stderr
+    json_format.ParseDict(json.loads(output.read_text()), pipeline_spec_pb2.PipelineJob())
+
+    result = _cli("submit", str(output), "--project", "test-project", "--region", "us-central1",
+                  "--schedule", "0 3 * * 1", env=env)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1, result.stderr
+    assert "no Google Cloud credentials" in error_lines[0]
+    assert "gcloud auth application-default login" in error_lines[0]
+
+
+def test_cli_compile_errors_are_one_line(tmp_path):
+    result = _cli("compile", "--config", GTSRB_CONFIG, "--output", str(tmp_path / "p.json"),
+                  "--classes-file", _classes_file(tmp_path), env=_no_credentials_env(tmp_path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "placeholder" in result.stderr
+    result = _cli("submit", str(tmp_path / "nope.json"), "--project", "p", "--region", "r")
+    assert result.returncode == 2 and "cannot read the compiled pipeline" in result.stderr
+
+
+def test_remote_weights_are_copied_to_a_local_file_for_keras(tmp_path):
+    """On Vertex AI Training ``model.weights`` is a gs:// file; h5py needs a local one.
+
+    ``file://`` goes through the same ``tf.io.gfile`` path as ``gs://``.
+    """
+    from components import backbones
+
+    source = tmp_path / "weights_no_top.h5"
+    source.write_bytes(b"\x89HDF\r\n\x1a\n fake weights")
+    local = backbones.resolve_weights(f"file://{source}")
+    assert os.path.isfile(local) and local != str(source) and "://" not in local
+    assert open(local, "rb").read() == source.read_bytes()
+    assert backbones.resolve_weights(f"file://{source}") == local  # cached
+    with pytest.raises(FileNotFoundError, match="no such weights file"):
+        backbones.resolve_weights(f"file://{tmp_path}/missing.h5")
