@@ -232,6 +232,8 @@ def per_callback(args, config, train_cfg, phase, num_classes, strategy, new_mode
         for name in order:
             with tempfile.TemporaryDirectory(prefix="vt-cb-") as tmp:
                 cbs = variants(tmp)[name]
+                if not hasattr(model, "_training_state"):
+                    model._training_state = None  # BackupAndRestore deletes it at the end of its fit
                 start = time.perf_counter()
                 with strategy.scope():
                     model.fit(train_ds, validation_data=eval_ds, epochs=args.epochs,

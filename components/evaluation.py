@@ -37,6 +37,9 @@ def create_eval_config(evaluation: configs.EvaluationConfig, num_classes: int) -
     return tfma.EvalConfig(
         model_specs=[tfma.ModelSpec(
             signature_name=signatures.SERVING_EXAMPLES,
+            # A plain SavedModel to TFMA: otherwise it loads the model once just to
+            # detect that it is Keras, then again as Keras (half the Evaluator's time).
+            model_type=tfma.constants.TF_GENERIC,
             preprocessing_function_names=[signatures.TRANSFORM_FEATURES],
             label_key=transform.LABEL_ID_KEY,
             prediction_key="probabilities")],
