@@ -237,6 +237,23 @@ def split_fraction(relpath: str) -> float:
     return (int.from_bytes(digest[:8], "big") >> 11) / 2.0 ** 53
 
 
+def split_key(relpath: str, group_regex: str = "") -> str:
+    """What decides a file's split: its path, or the group a regex finds in it.
+
+    Near-duplicates (several video frames of one physical sign, as GTSRB's
+    ``TTTTT_FFFFF.ppm`` tracks) must fall on the same side, or the eval split
+    measures memory instead of generalisation.  With ``group_regex`` the
+    regex's first group (or whole match) is hashed instead of the path; files
+    it does not match keep their own path as the key.
+    """
+    if group_regex:
+        match = re.search(group_regex, relpath)
+        if match:
+            group = match.group(1) if match.groups() else match.group(0)
+            return f"group:{group}"
+    return relpath
+
+
 def shard_index(relpath: str, num_shards: int) -> int:
     """The shard of a file, from hash bytes independent of those that pick the split."""
     digest = hashlib.sha256(relpath.encode("utf-8")).digest()
@@ -285,7 +302,8 @@ def _collect_items(data: "DataConfig") -> Tuple[List[_Item], List[Tuple[str, str
             found, bad = _list_tree_source(source)
         rejects.extend(bad)
         for path, relpath, label in found:
-            item_split = split or (EVAL if split_fraction(relpath) < data.eval_fraction else TRAIN)
+            key = split_key(relpath, data.split_group_regex)
+            item_split = split or (EVAL if split_fraction(key) < data.eval_fraction else TRAIN)
             items.append(_Item(path, relpath, label, item_split))
     return items, rejects
 

@@ -525,3 +525,19 @@ def test_gtsrb_three_classes_with_test_set(tmp_path):
     assert test[name]["label"] == label
     with Image.open(os.path.join(GTSRB, "test", "Images", name)) as ppm:
         assert (_decode(test[name]) == np.asarray(ppm.convert("RGB"))).all()
+
+
+def test_split_group_regex_keeps_a_group_on_one_side():
+    """Frames of one GTSRB track (``CLASS/TRACK_FRAME.ppm``) never straddle train and eval."""
+    from components.prepare import split_fraction, split_key
+
+    regex = r"^(\d+/\d+)_"
+    tracks = {}
+    for track in range(40):
+        keys = {split_key(f"00007/{track:05d}_{frame:05d}.ppm", regex) for frame in range(30)}
+        assert len(keys) == 1
+        tracks[track] = split_fraction(keys.pop()) < 0.3
+    assert 0 < sum(tracks.values()) < len(tracks)  # both splits get whole tracks
+    # No match: the path itself decides, as without a regex.
+    assert split_key("other/file.png", regex) == "other/file.png"
+    assert split_key("00007/00001_00002.ppm", "") == "00007/00001_00002.ppm"

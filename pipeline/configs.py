@@ -44,6 +44,10 @@ class DataConfig:
     # Fraction of ``source`` that goes to the eval split, chosen by a hash of the
     # file's relative path: adding files never moves existing ones.
     eval_fraction: float = 0.3
+    # Split by a group instead of by file: a regex over the relative path whose
+    # first group names the group, e.g. GTSRB's tracks "^(\d+/\d+)_" for
+    # 00007/00012_00029.ppm.  Frames of one track then stay on one side.
+    split_group_regex: str = ""
     # Output of ``visiontune prepare`` and input of the pipeline's ExampleGen.
     prepared_dir: str = ""
     num_shards: int = 4
