@@ -15,7 +15,6 @@ import csv
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -23,6 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from components import keras_env  # noqa: E402,F401
+import _perf_common as common  # noqa: E402
 
 MARKER = "<!-- gtsrb_quality rows -->"
 
@@ -47,11 +47,6 @@ def client_accuracy(model_dir: str, images_dir: str, labels_csv: str, batch: int
     return correct / len(rows)
 
 
-def machine() -> str:
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    return f"{os.cpu_count()} CPU cores, {'%d GPU' % len(gpus) if gpus else 'no GPU'}, {platform.machine()}"
 
 
 def main(argv=None) -> int:
@@ -76,7 +71,7 @@ def main(argv=None) -> int:
     per_component = ", ".join(f"{t['component']} {t['seconds']:.0f}s" for t in timings
                               if t["seconds"] >= 0.5)
     command = "benchmarks/gtsrb_quality.py " + " ".join(f"--set {o}" for o in args.overrides)
-    row = (f"| {datetime.date.today()} | `{command.strip()}` | {args.note or '-'} | {machine()} | "
+    row = (f"| {datetime.date.today()} | `{command.strip()}` | {args.note or '-'} | {common.machine()} | "
            f"{wall:.0f} s ({per_component}) | {summary.metrics.get('sparse_categorical_accuracy', 0):.4f} | "
            f"**{accuracy:.4f}** | {'yes' if summary.pushed else 'no'} |")
     print(json.dumps({"client_accuracy": accuracy, "wall_seconds": wall, "timings": timings,

@@ -20,7 +20,6 @@ import argparse
 import datetime
 import io
 import os
-import platform
 import random
 import shlex
 import socket
@@ -32,6 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from components import keras_env  # noqa: E402,F401
+import _perf_common as common  # noqa: E402
 
 MARKER = "<!-- serving_latency rows -->"
 SECTION = f"""
@@ -90,11 +90,6 @@ def wait_ready(client, timeout: float = 120) -> None:
             time.sleep(0.2)
 
 
-def machine() -> str:
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    return f"{os.cpu_count()} CPU cores, {'%d GPU' % len(gpus) if gpus else 'no GPU'}, {platform.machine()}"
 
 
 def main(argv=None) -> int:
@@ -181,7 +176,7 @@ def main(argv=None) -> int:
             for k in paths}
     command = "benchmarks/serving_latency.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     model = f"{meta.get('backbone')} a{meta.get('alpha')} {size}px, {len(meta.get('classes', []))} classes"
-    row = (f"| {datetime.date.today()} | `{command}`{' ' + args.note if args.note else ''} | {machine()} | {kind} "
+    row = (f"| {datetime.date.today()} | `{command}`{' ' + args.note if args.note else ''} | {common.machine()} | {kind} "
            f"| {model} | {lat['in-process']} | {lat['REST']} | {lat['gRPC']} | {ratio:.2f}x "
            f"| {tput['in-process']} | {tput['REST']} | {tput['gRPC']} |")
     print(row)

@@ -483,7 +483,7 @@ def _check_output_dir(output_dir: str, data: "DataConfig") -> None:
 # --------------------------------------------------------------------------
 
 
-class _Reject(Exception):
+class ImageRejected(Exception):
     """A file that cannot go into the dataset; the message is the reason."""
 
 
@@ -510,16 +510,16 @@ def _read_checked(path: str, max_file_bytes: int) -> bytes:
     try:
         size = os.path.getsize(path)
     except OSError as e:
-        raise _Reject(f"cannot read file: {e.strerror}") from None
+        raise ImageRejected(f"cannot read file: {e.strerror}") from None
     if size == 0:
-        raise _Reject("empty file (0 bytes)")
+        raise ImageRejected("empty file (0 bytes)")
     if size > max_file_bytes:
-        raise _Reject(f"file too large: {size} bytes > data.max_file_bytes={max_file_bytes}")
+        raise ImageRejected(f"file too large: {size} bytes > data.max_file_bytes={max_file_bytes}")
     try:
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
-        raise _Reject(f"cannot read file: {e.strerror}") from None
+        raise ImageRejected(f"cannot read file: {e.strerror}") from None
 
 
 def _open_checked(raw: bytes, max_pixels: int):
@@ -528,21 +528,21 @@ def _open_checked(raw: bytes, max_pixels: int):
     try:
         img = Image.open(io.BytesIO(raw))
     except UnidentifiedImageError:
-        raise _Reject("not an image (Pillow cannot identify the file format)") from None
+        raise ImageRejected("not an image (Pillow cannot identify the file format)") from None
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad headers
-        raise _Reject(f"corrupt image header: {_describe(e)}") from None
+        raise ImageRejected(f"corrupt image header: {_describe(e)}") from None
     width, height = img.size
     if width * height > max_pixels:
-        raise _Reject(f"image too large: {width}x{height} = {width * height} pixels > "
+        raise ImageRejected(f"image too large: {width}x{height} = {width * height} pixels > "
                       f"data.max_pixels={max_pixels}")
     if width == 0 or height == 0:
-        raise _Reject(f"image has no pixels ({width}x{height})")
+        raise ImageRejected(f"image has no pixels ({width}x{height})")
     try:
         img.load()
     except Exception as e:  # noqa: BLE001 - OSError, SyntaxError, struct.error, EOFError ...
         message = _describe(e)
         kind = "truncated image" if "truncat" in message.lower() else "corrupt image"
-        raise _Reject(f"{kind}: {message}") from None
+        raise ImageRejected(f"{kind}: {message}") from None
     return img
 
 
@@ -591,8 +591,12 @@ def _high_depth_to_rgb(img):
     return Image.fromarray(gray, mode="L").convert("RGB")
 
 
-def _encode_image(path: str, max_file_bytes: int, max_pixels: int) -> Tuple[bytes, str, int, int]:
-    """(encoded bytes, "png"/"jpeg", height, width) of an image fit for TF."""
+def encode_image(path: str, max_file_bytes: int, max_pixels: int) -> Tuple[bytes, str, int, int]:
+    """(encoded bytes, "png"/"jpeg", height, width) of an image fit for TF.
+
+    Serving clients call this too, so a model sees the same pixels in production
+    as in training.  Raises ``ImageRejected`` with the reason for a bad file.
+    """
     from PIL import ImageOps
     raw = _read_checked(path, max_file_bytes)
     with _strict_pillow():
@@ -617,8 +621,8 @@ def _encode_chunk(task: Tuple[Sequence[Tuple[str, str, str]], int, int]
     results: List[Tuple[Optional[bytes], Optional[str]]] = []
     for path, relpath, label in entries:
         try:
-            encoded, fmt, height, width = _encode_image(path, max_file_bytes, max_pixels)
-        except _Reject as e:
+            encoded, fmt, height, width = encode_image(path, max_file_bytes, max_pixels)
+        except ImageRejected as e:
             results.append((None, str(e)))
             continue
         except Exception as e:  # noqa: BLE001 - any other failure is this file's, not the run's

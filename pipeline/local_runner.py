@@ -69,7 +69,7 @@ def run(config: configs.Config, force_prepare: bool = False) -> results.RunSumma
     os.makedirs(config.pipeline.output_dir, exist_ok=True)
     logging.info("running pipeline %s into %s", config.pipeline.name, config.pipeline.output_dir)
     tfx.orchestration.LocalDagRunner().run(create_local_pipeline(config, prepared))
-    summary = results.summarize_run(metadata_path(config), config.pipeline.name)
+    summary = results.summarize_run(metadata_path(config))
     # The newest run's outcome, for people and for reports built later.
     with open(os.path.join(config.pipeline.output_dir, SUMMARY_FILE), "w") as f:
         json.dump(summary.to_json(), f, indent=2)

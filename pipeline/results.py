@@ -162,7 +162,7 @@ def blessing_failures(evaluation_uri: str) -> List[str]:
     return reasons
 
 
-def summarize_run(metadata_path: str, pipeline_name: str = "") -> RunSummary:
+def summarize_run(metadata_path: str) -> RunSummary:
     store = _store(metadata_path)
     pushed = _latest(store, "PushedModel")
     blessing = _latest(store, "ModelBlessing")
