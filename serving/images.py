@@ -20,5 +20,5 @@ def encode_for_serving(path: str) -> bytes:
     try:
         encoded, _, _, _ = prepare.encode_image(path, _NO_LIMIT, _NO_LIMIT)
     except prepare.ImageRejected as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise ValueError(f"{path}: not an image Pillow can read ({e})") from None
     return encoded
