@@ -27,6 +27,7 @@ setup(
         "pillow",
         "pyyaml",
         "tqdm",
+        "google-crc32c",  # TFRecord checksums when ingest writes shards without TensorFlow
         "scikit-learn",  # the demo's bundled digits
         "matplotlib",  # the run report's figures (Agg backend)
     ],

@@ -76,3 +76,28 @@ def append_rows(title: str, intro: str, header: str, rows: Sequence[str]) -> Non
                 + "|" + "---|" * ncols + "\n" + marker + "\n")
     text = text.replace(marker, "\n".join(rows) + "\n" + marker, 1)
     open(path, "w").write(text)
+
+
+def run_pipeline(config_path: str, overrides: Sequence[str]):
+    """Runs ``visiontune run`` in process: (config, summary, wall seconds, "Component Ns, ..." text)."""
+    import time
+
+    from pipeline import configs, local_runner, results
+
+    config = configs.load_config(config_path, overrides)
+    start = time.time()
+    summary = local_runner.run(config)
+    wall = time.time() - start
+    timings = results.component_timings(local_runner.metadata_path(config))
+    per_component = ", ".join(f"{t['component']} {t['seconds']:.0f}s" for t in timings
+                              if t["seconds"] >= 0.5)
+    return config, summary, wall, per_component
+
+
+def insert_row(marker: str, row: str) -> None:
+    """Puts ``row`` before the ``marker`` line of BENCHMARKS.md (the end of a quality table)."""
+    path = os.path.join(REPO, "BENCHMARKS.md")
+    text = open(path).read()
+    if marker not in text:
+        raise SystemExit(f"{path}: no {marker!r} line to insert before")
+    open(path, "w").write(text.replace(marker, row + "\n" + marker, 1))

@@ -16,7 +16,6 @@ import datetime
 import json
 import os
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -57,32 +56,20 @@ def main(argv=None) -> int:
     parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
     args = parser.parse_args(argv)
 
-    from pipeline import configs, local_runner, results
-
-    config = configs.load_config(args.config, args.overrides)
-    start = time.time()
-    summary = local_runner.run(config)
-    wall = time.time() - start
-    timings = results.component_timings(local_runner.metadata_path(config))
+    config, summary, wall, per_component = common.run_pipeline(args.config, args.overrides)
     model_dir = summary.pushed_dir or summary.model_dir
     test_dir = config.data.test_source
     labels = os.path.normpath(os.path.join(test_dir, config.data.test_labels_csv))
     accuracy = client_accuracy(model_dir, test_dir, labels)
-    per_component = ", ".join(f"{t['component']} {t['seconds']:.0f}s" for t in timings
-                              if t["seconds"] >= 0.5)
     command = "benchmarks/gtsrb_quality.py " + " ".join(f"--set {o}" for o in args.overrides)
     row = (f"| {datetime.date.today()} | `{command.strip()}` | {args.note or '-'} | {common.machine()} | "
            f"{wall:.0f} s ({per_component}) | {summary.metrics.get('sparse_categorical_accuracy', 0):.4f} | "
            f"**{accuracy:.4f}** | {'yes' if summary.pushed else 'no'} |")
-    print(json.dumps({"client_accuracy": accuracy, "wall_seconds": wall, "timings": timings,
+    print(json.dumps({"client_accuracy": accuracy, "wall_seconds": wall, "timings": per_component,
                       "pipeline_metrics": summary.metrics, "pushed": summary.pushed_dir}, indent=2))
     print(row)
     if not args.no_write:
-        path = os.path.join(REPO, "BENCHMARKS.md")
-        text = open(path).read()
-        if MARKER not in text:
-            raise SystemExit(f"{path}: no {MARKER!r} line to insert before")
-        open(path, "w").write(text.replace(MARKER, row + "\n" + MARKER, 1))
+        common.insert_row(MARKER, row)
     return 0
 
 

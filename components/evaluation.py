@@ -61,3 +61,49 @@ def create_eval_config(evaluation: configs.EvaluationConfig, num_classes: int) -
                 metrics=[tfma.MetricConfig(class_name=name, config=json.dumps(per_class))
                          for name in ("Precision", "Recall", "F1Score")]),
         ])
+
+
+PIXEL_ACCURACY = "pixel_accuracy"
+MEAN_IOU = "mean_iou"
+SEGMENTATION_METRICS_MODULE = "components.segmentation_metrics"
+
+
+def create_segmentation_eval_config(evaluation: configs.EvaluationConfig,
+                                    num_classes: int) -> tfma.EvalConfig:
+    """Pixel accuracy, mean IoU and per-class IoU/precision/recall/F1, void pixels excluded.
+
+    Blessing is on pixel accuracy: the floor is ``evaluation.min_accuracy`` and
+    the change threshold ``evaluation.max_regression``, as for classification.
+    No ``label_key``: the ground truth is the transformed ``mask_ids`` (found by
+    the metrics themselves), not a per-example label.
+    """
+    overall = [tfma.SlicingSpec()]
+    args = json.dumps({"class_ids": list(range(num_classes)),
+                       "ground_truth_key": transform.MASK_IDS_KEY,
+                       "prediction_key": "class_ids",
+                       "ignore_ground_truth_id": transform.VOID_ID})
+    blessing = tfma.MetricThreshold(
+        value_threshold=tfma.GenericValueThreshold(lower_bound={"value": evaluation.min_accuracy}),
+        change_threshold=tfma.GenericChangeThreshold(
+            direction=tfma.MetricDirection.HIGHER_IS_BETTER,
+            absolute={"value": -evaluation.max_regression}))
+
+    def metric(name, **extra):
+        return tfma.MetricConfig(class_name=name, module=SEGMENTATION_METRICS_MODULE, config=args, **extra)
+
+    return tfma.EvalConfig(
+        model_specs=[tfma.ModelSpec(
+            signature_name=signatures.SERVING_EXAMPLES,
+            model_type=tfma.constants.TF_GENERIC,
+            preprocessing_function_names=[signatures.TRANSFORM_FEATURES])],
+        slicing_specs=overall,
+        metrics_specs=[tfma.MetricsSpec(metrics=[
+            tfma.MetricConfig(class_name="ExampleCount"),
+            metric("PixelAccuracy", per_slice_thresholds=[tfma.PerSliceMetricThreshold(
+                slicing_specs=overall, threshold=blessing)]),
+            metric("MeanIoU"),
+            metric("SegmentationIoU"),
+            metric("SegmentationPrecision"),
+            metric("SegmentationRecall"),
+            metric("SegmentationF1"),
+        ])])

@@ -13,7 +13,12 @@ Why a separate step before the pipeline rather than a custom ExampleGen:
   give byte-identical shards: TFX's cache keys on input fingerprints, so a
   re-run of prepare on unchanged data must not invalidate the whole pipeline.
 
-Two input layouts are accepted (the same for the main and the test source):
+For ``task: segmentation`` the input is image/mask pairs instead
+(``SOURCE/x/in000685.jpg`` with ``SOURCE/y/gt000685.png``; see ``components.masks``):
+examples carry a lossless single-channel PNG ``mask`` and no label, and the
+per-class counts are the number of images in which each class appears.
+
+Two classification input layouts are accepted (the same for the main and the test source):
 
 * a class-per-folder tree, ``source/<class>/**/<image>``, as
   ``tf.keras.utils.image_dataset_from_directory`` expects;
@@ -41,13 +46,16 @@ import multiprocessing
 import os
 import re
 import shutil
+import struct
 import sys
 import tempfile
 import warnings
 from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from components import masks
+
 if TYPE_CHECKING:  # pragma: no cover - only for type checkers
-    from pipeline.configs import DataConfig
+    from pipeline.configs import DataConfig, SegmentationConfig
 
 # Feature names of every Example; the Transform and the tests depend on them.
 IMAGE_KEY = "image"
@@ -93,6 +101,10 @@ class PrepareResult:
     counts: Dict[str, Dict[str, int]]
     # (file as given, reason) for every file that was not written.
     rejects: List[Tuple[str, str]]
+    # Segmentation: ``counts`` are images in which each class appears, and these
+    # are the images per split (classification: the sum of ``counts``).
+    totals: Dict[str, int] = dataclasses.field(default_factory=dict)
+    task: str = "classification"
 
     def summary(self) -> str:
         """A table a person reads after a run to see that nothing went missing."""
@@ -103,8 +115,11 @@ class PrepareResult:
         for name in self.classes:
             lines.append("  " + name.ljust(width)
                          + "".join(f"{self.counts[s].get(name, 0):>9}" for s in splits))
-        lines.append("  " + "total".ljust(width)
-                     + "".join(f"{sum(self.counts[s].values()):>9}" for s in splits))
+        totals = self.totals or {s: sum(self.counts[s].values()) for s in splits}
+        lines.append("  " + ("images" if self.task == "segmentation" else "total").ljust(width)
+                     + "".join(f"{totals.get(s, 0):>9}" for s in splits))
+        if self.task == "segmentation":
+            lines.append("  (per class: images whose mask has pixels of that class)")
         empty = [c for c in self.classes if not self.counts.get(TRAIN, {}).get(c)]
         if empty:
             lines.append(f"WARNING: {len(empty)} class(es) have no training images: "
@@ -126,6 +141,7 @@ class _Item:
     relpath: str  # posix path relative to the source root: hashed and stored as ``filename``
     label: str
     split: str
+    mask: str = ""  # segmentation: the mask file paired with the image
 
 
 # --------------------------------------------------------------------------
@@ -134,8 +150,11 @@ class _Item:
 
 
 def prepare_dataset(data: "DataConfig", output_dir: Optional[str] = None,
-                    progress: bool = True) -> PrepareResult:
+                    progress: bool = True,
+                    segmentation: Optional["SegmentationConfig"] = None) -> PrepareResult:
     """Converts ``data.source`` (and ``data.test_source``) into TFRecord shards.
+
+    With ``segmentation`` (``task: segmentation``) the sources hold image/mask pairs.
 
     The output folder is built under a temporary name next to ``output_dir``
     and renamed into place at the end, so a killed run never leaves a folder
@@ -144,30 +163,38 @@ def prepare_dataset(data: "DataConfig", output_dir: Optional[str] = None,
     output_dir = output_dir or data.prepared_dir
     if not output_dir:
         raise PrepareError("no output folder: set data.prepared_dir or pass output_dir")
-    _check_settings(data)
-    items, rejects = _collect_items(data)
-    classes = _choose_classes(data, items)
-    items, label_rejects = _drop_unknown_labels(items, classes, explicit=bool(data.classes))
-    rejects.extend(label_rejects)
+    _check_settings(data, segmentation)
+    items, rejects = _collect_items(data, segmentation)
+    if segmentation is not None:
+        classes = segmentation_classes(data, segmentation)
+    else:
+        classes = _choose_classes(data, items)
+        items, label_rejects = _drop_unknown_labels(items, classes, explicit=bool(data.classes))
+        rejects.extend(label_rejects)
     if not items:
         raise PrepareError(_no_images_message(data, rejects))
     _check_output_dir(output_dir, data)
 
     splits = [TRAIN, EVAL] + ([TEST] if data.test_source else [])
     counts = {s: {c: 0 for c in classes} for s in splits}
+    totals = {s: 0 for s in splits}
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)
     tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output_dir))}.tmp-",
                                dir=parent)
     try:
-        encode_rejects = _write_shards(tmp_dir, items, splits, data, counts, progress)
+        encode_rejects = _write_shards(tmp_dir, items, splits, data, counts, progress, classes,
+                                       segmentation, totals)
         rejects.extend(encode_rejects)
-        _write_metadata(tmp_dir, classes, counts, rejects, settings_fingerprint(data))
+        task = "segmentation" if segmentation is not None else "classification"
+        _write_metadata(tmp_dir, classes, counts, rejects, settings_fingerprint(data, segmentation),
+                        totals, task)
         _replace_dir(tmp_dir, output_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    return PrepareResult(output_dir=output_dir, classes=classes, counts=counts, rejects=rejects)
+    return PrepareResult(output_dir=output_dir, classes=classes, counts=counts, rejects=rejects,
+                         totals=totals, task=task)
 
 
 def read_classes(prepared_dir: str) -> List[str]:
@@ -180,15 +207,20 @@ def read_classes(prepared_dir: str) -> List[str]:
         raise PrepareError(f"{path}: no class list; run `visiontune prepare` first") from None
 
 
-def settings_fingerprint(data: "DataConfig") -> str:
+def settings_fingerprint(data: "DataConfig", segmentation: Optional["SegmentationConfig"] = None) -> str:
     """Hash of the settings that decide a dataset's content (not where or how fast)."""
     values = dataclasses.asdict(data)
     for key in ("prepared_dir", "workers"):
         values.pop(key, None)
+    if segmentation is not None:
+        seg = dataclasses.asdict(segmentation)
+        values["segmentation"] = {k: seg[k] for k in (
+            "image_dir", "mask_dir", "mask_regex", "mask_template", "class_values", "void_values")}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def is_prepared(prepared_dir: str, data: Optional["DataConfig"] = None) -> bool:
+def is_prepared(prepared_dir: str, data: Optional["DataConfig"] = None,
+                segmentation: Optional["SegmentationConfig"] = None) -> bool:
     """Whether ``prepared_dir`` holds a finished dataset (the summary is written last).
 
     With ``data``, also whether it was prepared with these settings: a changed
@@ -200,7 +232,7 @@ def is_prepared(prepared_dir: str, data: Optional["DataConfig"] = None) -> bool:
     if data is None:
         return True
     with open(path, encoding="utf-8") as f:
-        return json.load(f).get("settings") == settings_fingerprint(data)
+        return json.load(f).get("settings") == settings_fingerprint(data, segmentation)
 
 
 def load_result(prepared_dir: str) -> PrepareResult:
@@ -213,7 +245,8 @@ def load_result(prepared_dir: str) -> PrepareResult:
         with open(rejects_path, encoding="utf-8", newline="") as f:
             rejects = [(row["file"], row["reason"]) for row in csv.DictReader(f)]
     return PrepareResult(output_dir=prepared_dir, classes=read_classes(prepared_dir),
-                         counts=summary["counts"], rejects=rejects)
+                         counts=summary["counts"], rejects=rejects, totals=summary.get("totals", {}),
+                         task=summary.get("task", "classification"))
 
 
 def natural_key(name: str) -> Tuple:
@@ -265,8 +298,30 @@ def shard_index(relpath: str, num_shards: int) -> int:
 # --------------------------------------------------------------------------
 
 
-def _check_settings(data: "DataConfig") -> None:
+def segmentation_classes(data: "DataConfig", segmentation: "SegmentationConfig") -> List[str]:
+    """Class names of a segmentation dataset: ``data.classes``, else background/foreground."""
+    from pipeline.configs import SEGMENTATION_CLASSES
+    count = len(segmentation.class_values)
+    if data.classes:
+        if len(data.classes) != count:
+            raise PrepareError(f"data.classes names {len(data.classes)} classes but "
+                               f"segmentation.class_values maps {count}")
+        return list(data.classes)
+    if count != len(SEGMENTATION_CLASSES):
+        raise PrepareError(f"segmentation.class_values maps {count} classes: name them in data.classes")
+    return list(SEGMENTATION_CLASSES)
+
+
+def _check_settings(data: "DataConfig", segmentation: Optional["SegmentationConfig"] = None) -> None:
     """Fails before any work on settings that would fail late or silently."""
+    if segmentation is not None:
+        problems = masks.check_class_values(segmentation.class_values, segmentation.void_values)
+        if problems:
+            raise PrepareError("; ".join(problems))
+        try:
+            re.compile(segmentation.mask_regex)
+        except re.error as e:
+            raise PrepareError(f"segmentation.mask_regex {segmentation.mask_regex!r}: {e}") from None
     if not data.source:
         raise PrepareError("data.source is not set: point it at the image folder")
     if not 0.0 <= data.eval_fraction < 1.0:
@@ -284,7 +339,8 @@ def _check_settings(data: "DataConfig") -> None:
         raise PrepareError(f"data.classes: class names must be non-empty single lines, got {bad!r}")
 
 
-def _collect_items(data: "DataConfig") -> Tuple[List[_Item], List[Tuple[str, str]]]:
+def _collect_items(data: "DataConfig", segmentation: Optional["SegmentationConfig"] = None
+                   ) -> Tuple[List[_Item], List[Tuple[str, str]]]:
     """All candidate images with their split, and the files already known to be bad."""
     items: List[_Item] = []
     rejects: List[Tuple[str, str]] = []
@@ -296,7 +352,17 @@ def _collect_items(data: "DataConfig") -> Tuple[List[_Item], List[Tuple[str, str
             raise PrepareError(f"{source}: data source folder does not exist"
                                if not os.path.exists(source) else
                                f"{source}: data source is not a folder")
-        if labels_csv:
+        mask_of: Dict[str, str] = {}
+        if segmentation is not None:
+            try:
+                pairs, bad = masks.list_pairs(source, segmentation.image_dir, segmentation.mask_dir,
+                                              segmentation.mask_regex, segmentation.mask_template,
+                                              lambda name: not _is_skipped_file(name))
+            except FileNotFoundError as e:
+                raise PrepareError(str(e)) from None
+            found = [(path, relpath, "") for path, relpath, _ in pairs]
+            mask_of = {path: mask for path, _, mask in pairs}
+        elif labels_csv:
             found, bad = _list_csv_source(source, labels_csv, data)
         else:
             found, bad = _list_tree_source(source)
@@ -304,7 +370,7 @@ def _collect_items(data: "DataConfig") -> Tuple[List[_Item], List[Tuple[str, str
         for path, relpath, label in found:
             key = split_key(relpath, data.split_group_regex)
             item_split = split or (EVAL if split_fraction(key) < data.eval_fraction else TRAIN)
-            items.append(_Item(path, relpath, label, item_split))
+            items.append(_Item(path, relpath, label, item_split, mask_of.get(path, "")))
     return items, rejects
 
 
@@ -614,21 +680,52 @@ def encode_image(path: str, max_file_bytes: int, max_pixels: int) -> Tuple[bytes
         return out.getvalue(), "png", rgb.height, rgb.width
 
 
-def _encode_chunk(task: Tuple[Sequence[Tuple[str, str, str]], int, int]
-                  ) -> List[Tuple[Optional[bytes], Optional[str]]]:
-    """Worker entry point: (serialised Example, None) or (None, reject reason) per item."""
-    entries, max_file_bytes, max_pixels = task
-    results: List[Tuple[Optional[bytes], Optional[str]]] = []
-    for path, relpath, label in entries:
+def encode_mask_file(path: str, height: int, width: int, max_file_bytes: int, max_pixels: int):
+    """(PNG bytes, values) of the mask at ``path`` for an image of ``height`` x ``width``."""
+    raw = _read_checked(path, max_file_bytes)
+    with _strict_pillow():
+        try:
+            img = _open_checked(raw, max_pixels)
+        except ImageRejected as e:
+            raise masks.MaskRejected(f"mask {path}: {e}") from None
+        if (img.height, img.width) != (height, width):
+            raise masks.MaskRejected(f"mask {path} is {img.width}x{img.height}, its image is "
+                                     f"{width}x{height}")
+        try:
+            values = masks.mask_values(img)
+        except masks.MaskRejected as e:
+            raise masks.MaskRejected(f"mask {path}: {e}") from None
+    return masks.encode_mask(values), values
+
+
+# One item's outcome: (serialised Example or None, reject reason or None, labels it counts for).
+_Encoded = Tuple[Optional[bytes], Optional[str], List[str]]
+
+
+def _encode_chunk(task: Tuple[Sequence[Tuple[str, str, str, str]], int, int, Optional[Sequence]]
+                  ) -> List[_Encoded]:
+    """Worker entry point: one ``_Encoded`` per item.
+
+    ``class_values`` (the fourth task element) is set for segmentation: the
+    labels an image counts for are then the classes present in its mask.
+    """
+    entries, max_file_bytes, max_pixels, class_values = task
+    results: List[_Encoded] = []
+    for path, relpath, label, mask_path in entries:
         try:
             encoded, fmt, height, width = encode_image(path, max_file_bytes, max_pixels)
-        except ImageRejected as e:
-            results.append((None, str(e)))
-            continue
+            if class_values is None:
+                results.append((serialize_example(encoded, fmt, relpath, height, width, label),
+                                None, [label]))
+                continue
+            mask_png, values = encode_mask_file(mask_path, height, width, max_file_bytes, max_pixels)
+            present = [str(i) for i in masks.classes_present(values, class_values)]
+            results.append((serialize_example(encoded, fmt, relpath, height, width, mask=mask_png),
+                            None, present))
+        except (ImageRejected, masks.MaskRejected) as e:
+            results.append((None, str(e), []))
         except Exception as e:  # noqa: BLE001 - any other failure is this file's, not the run's
-            results.append((None, f"cannot process image: {_describe(e)}"))
-            continue
-        results.append((serialize_example(encoded, fmt, relpath, height, width, label), None))
+            results.append((None, f"cannot process image: {_describe(e)}", []))
     return results
 
 
@@ -664,7 +761,7 @@ def _int64_feature(value: int) -> bytes:
 
 
 def serialize_example(image: bytes, image_format: str, filename: str, height: int,
-                      width: int, label: str) -> bytes:
+                      width: int, label: Optional[str] = None, mask: Optional[bytes] = None) -> bytes:
     """The bytes of ``tf.train.Example(...).SerializeToString(deterministic=True)``.
 
     Importing TensorFlow in every worker would cost seconds and hundreds of MB
@@ -677,9 +774,12 @@ def serialize_example(image: bytes, image_format: str, filename: str, height: in
         HEIGHT_KEY: _int64_feature(height),
         IMAGE_KEY: _bytes_feature(image),
         IMAGE_FORMAT_KEY: _bytes_feature(image_format.encode("ascii")),
-        LABEL_KEY: _bytes_feature(label.encode("utf-8")),
         WIDTH_KEY: _int64_feature(width),
     }
+    if label is not None:
+        features[LABEL_KEY] = _bytes_feature(label.encode("utf-8"))
+    if mask is not None:
+        features[masks.MASK_KEY] = _bytes_feature(mask)
     entries = b"".join(_field(1, _field(1, key.encode("utf-8")) + _field(2, value))
                        for key, value in sorted(features.items()))
     return _field(1, entries)  # Example.features { feature: map entries }
@@ -694,10 +794,10 @@ def _num_workers(data: "DataConfig") -> int:
     return data.workers if data.workers and data.workers > 0 else (os.cpu_count() or 1)
 
 
-def _chunks(items: Sequence[_Item], size: int, data: "DataConfig"
-            ) -> List[Tuple[List[Tuple[str, str, str]], int, int]]:
-    return [([(i.path, i.relpath, i.label) for i in items[start:start + size]],
-             data.max_file_bytes, data.max_pixels)
+def _chunks(items: Sequence[_Item], size: int, data: "DataConfig",
+            class_values: Optional[Sequence] = None) -> List[Tuple]:
+    return [([(i.path, i.relpath, i.label, i.mask) for i in items[start:start + size]],
+             data.max_file_bytes, data.max_pixels, class_values)
             for start in range(0, len(items), size)]
 
 
@@ -705,15 +805,18 @@ def _ordered_results(tasks: Sequence, workers: int) -> Iterator[List]:
     """Results of ``_encode_chunk`` in task order, with few tasks in flight.
 
     One worker runs in this process: no pool start-up, and the single-core
-    baseline benchmarks compare against.  The pool uses ``spawn`` because
-    the parent has TensorFlow loaded, and forking a process with TF's threads
-    running can deadlock the child.
+    baseline benchmarks compare against.  The pool forks when this process
+    has not loaded TensorFlow (``visiontune prepare``: shards are written
+    without it), which starts workers in milliseconds; otherwise (inside
+    ``visiontune run``) it uses ``spawn``, because forking a process with TF's
+    threads running can deadlock the child, and spawned workers take a few
+    tenths of a second to start (a new interpreter importing Pillow).
     """
     if workers <= 1 or len(tasks) <= 1:
         for task in tasks:
             yield _encode_chunk(task)
         return
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context(_start_method())
     window = workers * _TASKS_PER_WORKER
     with concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(tasks)),
                                                 mp_context=context) as pool:
@@ -736,20 +839,52 @@ def _ordered_results(tasks: Sequence, workers: int) -> Iterator[List]:
             raise
 
 
+def _start_method() -> str:
+    if "tensorflow" not in sys.modules and "fork" in multiprocessing.get_all_start_methods():
+        return "fork"
+    return "spawn"
+
+
+class _TFRecordWriter:
+    """Uncompressed TFRecord files without TensorFlow (byte-identical to ``tf.io.TFRecordWriter``).
+
+    Each record: little-endian uint64 length, masked CRC32C of those 8 bytes,
+    the data, masked CRC32C of the data.  Not importing TensorFlow here saves
+    seconds per ``visiontune prepare`` and lets the worker pool fork.
+    """
+
+    def __init__(self, path: str):
+        self._file = open(path, "wb")
+
+    @staticmethod
+    def _masked_crc(data: bytes) -> bytes:
+        import google_crc32c
+        crc = google_crc32c.value(data)
+        return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+    def write(self, record: bytes) -> None:
+        header = struct.pack("<Q", len(record))
+        self._file.write(header + self._masked_crc(header) + record + self._masked_crc(record))
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def _shard_name(index: int, count: int) -> str:
     return f"{SHARD_PREFIX}-{index:05d}-of-{count:05d}.tfrecord"
 
 
 def _write_shards(out_dir: str, items: Sequence[_Item], splits: Sequence[str],
-                  data: "DataConfig", counts: Dict[str, Dict[str, int]], progress: bool
-                  ) -> List[Tuple[str, str]]:
+                  data: "DataConfig", counts: Dict[str, Dict[str, int]], progress: bool,
+                  classes: Sequence[str] = (),
+                  segmentation: Optional["SegmentationConfig"] = None,
+                  totals: Optional[Dict[str, int]] = None) -> List[Tuple[str, str]]:
     """Encodes all items and streams them into their shards; returns the rejects.
 
     Items are processed in (split, relpath) order and results come back in
     that order, so each shard's content is independent of worker count and
     timing: the same inputs give byte-identical files.
     """
-    import tensorflow as tf
     from tqdm import tqdm
 
     items = sorted(items, key=lambda i: (splits.index(i.split), i.relpath))
@@ -757,21 +892,23 @@ def _write_shards(out_dir: str, items: Sequence[_Item], splits: Sequence[str],
     shard_counts = {s: max(1, min(data.num_shards, per_split[s])) for s in splits}
     workers = _num_workers(data)
     chunk = max(1, min(_MAX_CHUNK, -(-len(items) // (workers * 8))))
-    tasks = _chunks(items, chunk, data)
+    class_values = ([list(v) for v in segmentation.class_values] if segmentation is not None
+                    else None)
+    tasks = _chunks(items, chunk, data, class_values)
     rejects: List[Tuple[str, str]] = []
-    writers: Dict[Tuple[str, int], "tf.io.TFRecordWriter"] = {}
+    writers: Dict[Tuple[str, int], _TFRecordWriter] = {}
     try:
         for split in splits:
             os.makedirs(os.path.join(out_dir, split))
             for index in range(shard_counts[split]):
                 path = os.path.join(out_dir, split, _shard_name(index, shard_counts[split]))
-                writers[split, index] = tf.io.TFRecordWriter(path)
+                writers[split, index] = _TFRecordWriter(path)
         bar = tqdm(total=len(items), desc="prepare", unit="img", file=sys.stderr,
                    disable=not progress, dynamic_ncols=True)
         position = 0
         with bar:
             for results in _ordered_results(tasks, workers):
-                for example, reason in results:
+                for example, reason, labels in results:
                     item = items[position]
                     position += 1
                     if example is None:
@@ -779,7 +916,12 @@ def _write_shards(out_dir: str, items: Sequence[_Item], splits: Sequence[str],
                         continue
                     shard = shard_index(item.relpath, shard_counts[item.split])
                     writers[item.split, shard].write(example)
-                    counts[item.split][item.label] += 1
+                    if totals is not None:
+                        totals[item.split] += 1
+                    for label in labels:
+                        # Segmentation counts class indices (classes present in the mask).
+                        name = classes[int(label)] if class_values is not None else label
+                        counts[item.split][name] += 1
                 bar.update(len(results))
     finally:
         for writer in writers.values():
@@ -788,7 +930,8 @@ def _write_shards(out_dir: str, items: Sequence[_Item], splits: Sequence[str],
 
 
 def _write_metadata(out_dir: str, classes: Sequence[str], counts: Dict[str, Dict[str, int]],
-                    rejects: Sequence[Tuple[str, str]], settings: str) -> None:
+                    rejects: Sequence[Tuple[str, str]], settings: str,
+                    totals: Dict[str, int], task: str) -> None:
     with open(os.path.join(out_dir, CLASSES_FILE), "w", encoding="utf-8", newline="\n") as f:
         f.writelines(f"{c}\n" for c in classes)
     with open(os.path.join(out_dir, REJECTS_FILE), "w", encoding="utf-8", newline="") as f:
@@ -798,9 +941,10 @@ def _write_metadata(out_dir: str, classes: Sequence[str], counts: Dict[str, Dict
     summary = {
         "classes": list(classes),
         "counts": counts,
-        "totals": {split: sum(per_class.values()) for split, per_class in counts.items()},
+        "totals": totals,
         "rejects": len(rejects),
         "settings": settings,
+        "task": task,
     }
     with open(os.path.join(out_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2, ensure_ascii=False)

@@ -9,20 +9,33 @@
   the integer label, which TFMA applies before computing metrics.
 
 All three run the Transform graph (``tft_layer``): there is one decode/resize.
+
+Segmentation models (``task: segmentation``) answer the same two prediction
+signatures with:
+
+* ``mask_bytes``: one PNG per image, at the size the client sent, each pixel the
+  first mask value of its predicted class (CDnet: 0 background, 255
+  foreground), so it reads like the ground-truth masks (base64 in REST);
+* ``foreground_probability``: ``[batch, s, s]`` per-pixel probability of
+  ``segmentation.foreground_class`` at the model's resolution;
+* ``class_ids``: ``[batch, s, s]`` arg-max class per pixel (what TFMA scores).
+
+and ``transform_features`` gives the ground-truth ``mask_ids`` (void =
+``transform.VOID_ID``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 from components import keras_env  # noqa: F401
 import tensorflow as tf
 import tensorflow_transform as tft
 import tf_keras
 
-from components import transform
+from components import segmentation_model, transform
 
 SERVING_DEFAULT = "serving_default"
 SERVING_EXAMPLES = "serving_examples"
@@ -80,11 +93,72 @@ def make_signatures(model: tf_keras.Model, tf_transform_output: tft.TFTransformO
     }
 
 
+def _segmentation_outputs(probabilities: tf.Tensor, heights: tf.Tensor, widths: tf.Tensor,
+                          mask_values: tf.Tensor, foreground_class: int) -> Dict[str, tf.Tensor]:
+    probabilities = segmentation_model.class_probabilities(probabilities)
+
+    def full_size_png(args):
+        probs, height, width = args
+        resized = tf.image.resize(probs, tf.cast(tf.stack([height, width]), tf.int32), method="bilinear")
+        ids = tf.argmax(resized, axis=-1, output_type=tf.int32)
+        return tf.io.encode_png(tf.gather(mask_values, ids)[..., None])
+
+    masks = tf.map_fn(full_size_png, (probabilities, heights, widths),
+                      fn_output_signature=tf.TensorSpec([], tf.string))
+    return {
+        "mask_bytes": masks,
+        "class_ids": tf.argmax(probabilities, axis=-1),
+        "foreground_probability": probabilities[..., foreground_class],
+    }
+
+
+def make_segmentation_signatures(model: tf_keras.Model, tf_transform_output: tft.TFTransformOutput,
+                                 image_size: int, mask_values: Sequence[int], foreground_class: int
+                                 ) -> Dict[str, tf.types.experimental.ConcreteFunction]:
+    model.tft_layer = tf_transform_output.transform_features_layer()
+    values = tf.constant(list(mask_values), tf.uint8)
+    raw_spec = tf_transform_output.raw_feature_spec()
+    serving_spec = {k: v for k, v in raw_spec.items() if k == transform.IMAGE_KEY}
+
+    def predict_transformed(transformed):
+        pixels = transform.decode_pixels(transformed[transform.PIXELS_KEY], image_size)
+        return _segmentation_outputs(model(pixels, training=False), transformed[transform.HEIGHT_KEY],
+                                     transformed[transform.WIDTH_KEY], values, foreground_class)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGE_BYTES_INPUT)])
+    def serve_image_bytes(image_bytes):
+        return predict_transformed(model.tft_layer({transform.IMAGE_KEY: tf.reshape(image_bytes, [-1, 1])}))
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
+    def serve_examples(examples):
+        return predict_transformed(model.tft_layer(tf.io.parse_example(examples, serving_spec)))
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
+    def transform_features(examples):
+        transformed = model.tft_layer(tf.io.parse_example(examples, raw_spec))
+        return {transform.MASK_IDS_KEY: transform.decode_mask_ids(transformed[transform.MASK_IDS_KEY],
+                                                                   image_size)}
+
+    return {
+        SERVING_DEFAULT: serve_image_bytes.get_concrete_function(),
+        SERVING_EXAMPLES: serve_examples.get_concrete_function(),
+        TRANSFORM_FEATURES: transform_features.get_concrete_function(),
+    }
+
+
 def export_saved_model(model: tf_keras.Model, tf_transform_output: tft.TFTransformOutput,
                        classes: Sequence[str], image_size: int, export_dir: str,
-                       metadata: Dict) -> None:
-    """Writes the SavedModel plus ``assets.extra/`` (classes.txt, visiontune.json)."""
-    signatures = make_signatures(model, tf_transform_output, classes, image_size)
+                       metadata: Dict, segmentation=None) -> None:
+    """Writes the SavedModel plus ``assets.extra/`` (classes.txt, visiontune.json).
+
+    ``segmentation`` (a ``SegmentationConfig``) exports the segmentation signatures.
+    """
+    if segmentation is not None:
+        signatures = make_segmentation_signatures(
+            model, tf_transform_output, image_size, [v[0] for v in segmentation.class_values],
+            segmentation.foreground_class)
+    else:
+        signatures = make_signatures(model, tf_transform_output, classes, image_size)
     model.save(export_dir, save_format="tf", signatures=signatures, include_optimizer=False)
     extra = os.path.join(export_dir, METADATA_DIR)
     tf.io.gfile.makedirs(extra)

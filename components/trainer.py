@@ -24,6 +24,7 @@ import tensorflow_transform as tft
 import tf_keras
 
 from components import backbones, model as model_lib, signatures, strategy as strategy_lib, transform
+from components import segmentation_model
 from pipeline import configs
 
 HISTORY_FILE = "history.json"
@@ -82,6 +83,52 @@ def create_dataset(file_patterns: Sequence[str], image_size: int, batch_size: in
     return ds.batch(batch_size).prefetch(AUTOTUNE)
 
 
+def create_segmentation_dataset(file_patterns: Sequence[str], image_size: int, batch_size: int, *,
+                                training: bool, seed: int = 42, sigmoid: bool = False,
+                                augmentation: Optional[configs.AugmentationConfig] = None,
+                                cache: Optional[bool] = None) -> tf.data.Dataset:
+    """``(pixels, class ids, pixel weights)`` batches: void pixels weigh 0 in loss and metrics.
+
+    Void pixels keep a valid class id (0) so the loss can index them; their zero
+    weight is what leaves them out.  Flips (``augmentation``) move image and
+    mask together, after the cache, so every epoch sees new ones.
+    """
+    files = _list_files(file_patterns)
+    spec = {transform.PIXELS_KEY: tf.io.FixedLenFeature([], tf.string),
+            transform.MASK_IDS_KEY: tf.io.FixedLenFeature([], tf.string)}
+
+    def parse(record):
+        features = tf.io.parse_single_example(record, spec)
+        pixels = transform.decode_pixels_one(features[transform.PIXELS_KEY], image_size)
+        mask = transform.decode_mask_ids_one(features[transform.MASK_IDS_KEY], image_size)
+        return pixels, mask
+
+    def flip(pixels, mask):
+        stacked = tf.concat([pixels, mask[..., None]], axis=-1)
+        if augmentation.horizontal_flip:
+            stacked = tf.image.random_flip_left_right(stacked, seed=seed)
+        if augmentation.vertical_flip:
+            stacked = tf.image.random_flip_up_down(stacked, seed=seed + 1)
+        return stacked[..., :3], stacked[..., 3]
+
+    def to_targets(pixels, mask):
+        void = tf.equal(mask, transform.VOID_ID)
+        weights = tf.cast(tf.logical_not(void), tf.float32)
+        labels = tf.where(void, tf.zeros_like(mask), mask)
+        labels = tf.cast(labels, tf.float32)[..., None] if sigmoid else tf.cast(labels, tf.int32)
+        return pixels, labels, weights
+
+    ds = tf.data.TFRecordDataset(files, compression_type="GZIP")
+    ds = ds.map(parse, num_parallel_calls=AUTOTUNE)
+    if cache if cache is not None else _fits_in_memory(files):
+        ds = ds.cache()
+    if training:
+        ds = ds.shuffle(1024, seed=seed, reshuffle_each_iteration=True)
+        if augmentation and (augmentation.horizontal_flip or augmentation.vertical_flip):
+            ds = ds.map(flip, num_parallel_calls=AUTOTUNE)
+    return ds.map(to_targets, num_parallel_calls=AUTOTUNE).batch(batch_size).prefetch(AUTOTUNE)
+
+
 # --------------------------------------------------------------------------- training
 
 def create_optimizer(name: str, learning_rate: float, weight_decay: float = 0.0):
@@ -132,7 +179,25 @@ def _callbacks(train: configs.TrainingConfig, backup_dir: str, log_dir: str) -> 
     return cbs
 
 
+def _compile_segmentation(model, train: configs.TrainingConfig, phase: configs.PhaseConfig) -> None:
+    """Pixel losses and metrics; the datasets' pixel weights leave void out of both."""
+    num_classes = model.output_shape[-1]
+    if num_classes == 1:
+        loss = tf_keras.losses.BinaryCrossentropy()
+        metrics = [tf_keras.metrics.BinaryAccuracy(name="accuracy"),
+                   tf_keras.metrics.BinaryIoU(target_class_ids=[0, 1], name="mean_iou")]
+    else:
+        loss = tf_keras.losses.SparseCategoricalCrossentropy()
+        metrics = [tf_keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                   tf_keras.metrics.MeanIoU(num_classes, sparse_y_pred=False, name="mean_iou")]
+    model.compile(optimizer=create_optimizer(train.optimizer, phase.learning_rate, train.weight_decay),
+                  loss=loss, weighted_metrics=metrics)
+
+
 def _compile(model, train: configs.TrainingConfig, phase: configs.PhaseConfig, top_k: int) -> None:
+    if getattr(model, "task", "") == "segmentation":
+        _compile_segmentation(model, train, phase)
+        return
     if train.label_smoothing:
         loss = tf_keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing)
         metrics = [tf_keras.metrics.CategoricalAccuracy(name="accuracy"),
@@ -207,14 +272,25 @@ def run_fn(fn_args) -> None:
     size = backbones.input_size(config.model.backbone, config.model.image_size)
     tf_transform_output = tft.TFTransformOutput(fn_args.transform_output)
 
-    one_hot = train.label_smoothing > 0
-    data_kw = dict(image_size=size, batch_size=train.batch_size, seed=train.seed,
-                   num_classes=len(classes), one_hot=one_hot)
-    train_ds = create_dataset(fn_args.train_files, training=True, **data_kw)
-    eval_ds = create_dataset(fn_args.eval_files, training=False, **data_kw)
-
-    with strategy.scope():
-        model = model_lib.create_model(config.model, len(classes), train.augmentation, train.seed)
+    segmentation = configs.segmentation_settings(config)
+    if segmentation is not None:
+        data_kw = dict(image_size=size, batch_size=train.batch_size, seed=train.seed,
+                       sigmoid=segmentation.output == "sigmoid")
+        train_ds = create_segmentation_dataset(fn_args.train_files, training=True,
+                                               augmentation=train.augmentation, **data_kw)
+        eval_ds = create_segmentation_dataset(fn_args.eval_files, training=False, **data_kw)
+        with strategy.scope():
+            model = segmentation_model.create_segmentation_model(
+                config.model, segmentation, len(classes), train.augmentation, train.seed)
+        model.task = "segmentation"
+    else:
+        one_hot = train.label_smoothing > 0
+        data_kw = dict(image_size=size, batch_size=train.batch_size, seed=train.seed,
+                       num_classes=len(classes), one_hot=one_hot)
+        train_ds = create_dataset(fn_args.train_files, training=True, **data_kw)
+        eval_ds = create_dataset(fn_args.eval_files, training=False, **data_kw)
+        with strategy.scope():
+            model = model_lib.create_model(config.model, len(classes), train.augmentation, train.seed)
     state_dir = os.path.join(custom["state_root"], state_key(fn_args, custom))
     start = time.time()
     with strategy.scope():
@@ -230,7 +306,11 @@ def run_fn(fn_args) -> None:
     }
     with tf.io.gfile.GFile(os.path.join(fn_args.model_run_dir, HISTORY_FILE), "w") as f:
         json.dump({"history": history, **metadata}, f, indent=2)
+    if segmentation is not None:
+        metadata["task"] = "segmentation"
+        metadata["foreground_class"] = segmentation.foreground_class
+        metadata["class_values"] = [list(v) for v in segmentation.class_values]
     signatures.export_saved_model(model, tf_transform_output, classes, size,
-                                  fn_args.serving_model_dir, metadata)
+                                  fn_args.serving_model_dir, metadata, segmentation)
     # The finished model is exported: the resume state is no longer needed.
     tf.io.gfile.rmtree(state_dir)

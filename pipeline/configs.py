@@ -84,6 +84,10 @@ class AugmentationConfig:
     translation: float = 0.0  # +- fraction of height/width
     brightness: float = 0.0  # +- fraction of the value range
     contrast: float = 0.0  # +- factor
+    # Shrink images to a random side in [downscale_min_size, image_size] px and
+    # scale them back up (0 = off): teaches the blur of small, far-away photos.
+    downscale_min_size: int = 0
+    downscale_probability: float = 0.5
 
 
 @dataclasses.dataclass
@@ -116,6 +120,7 @@ class PhaseConfig:
     #   all              - every layer
     #   freeze_first     - all but the first ``layers`` layers
     #   train_last       - only the last ``layers`` layers (the tutorial's "last 8")
+    #   last_block       - the backbone's last block (VGG16: block5_*) and what follows it
     # BatchNorm layers never train and always run in inference mode.
     backbone: str = "frozen"
     layers: int = 0
@@ -255,6 +260,42 @@ class VertexConfig:
 
 
 @dataclasses.dataclass
+class SegmentationConfig:
+    """``task: segmentation``: image/mask pairs, how mask values become classes, the decoder.
+
+    Class names are ``data.classes`` (default ``background, foreground``); class
+    ``i`` is every mask pixel whose value is in ``class_values[i]``.  Pixels with a
+    value in ``void_values`` (or in no list) are void: left out of the loss and
+    of every metric.  The defaults are CDnet2014's: 0 background, 255
+    foreground; 50 shadow, 85 outside the region of interest, 170 unknown motion.
+    """
+
+    # Images in SOURCE/image_dir, masks in SOURCE/mask_dir (both relative to
+    # data.source, and to data.test_source for the test set).
+    image_dir: str = "x"
+    mask_dir: str = "y"
+    # The mask of an image: mask_regex is matched against the image's file name
+    # and mask_template is the expansion (\\1 or \\g<name> for groups), e.g.
+    # in000685.jpg -> gt000685.png.
+    mask_regex: str = r"^in(\d+)\.\w+$"
+    mask_template: str = r"gt\1.png"
+    class_values: List[List[int]] = dataclasses.field(default_factory=lambda: [[0], [255]])
+    void_values: List[int] = dataclasses.field(default_factory=lambda: [50, 85, 170])
+    # The class whose precision/recall/F-measure is the headline (CDnet's
+    # foreground) and whose per-pixel probability serving returns.
+    foreground_class: int = 1
+    # softmax: one channel per class | sigmoid: one foreground channel (2 classes only).
+    output: str = "softmax"
+    # Transposed-convolution decoder: filters per 2x upsampling step, deepest first.
+    decoder_filters: List[int] = dataclasses.field(default_factory=lambda: [256, 128, 64, 32, 16])
+    # U-Net style: concatenate the encoder's feature map of the same resolution.
+    skip_connections: bool = True
+
+
+SEGMENTATION_CLASSES = ["background", "foreground"]
+
+
+@dataclasses.dataclass
 class Config:
     """A whole visiontune run."""
 
@@ -264,8 +305,14 @@ class Config:
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
     pipeline: PipelineSettings = dataclasses.field(default_factory=PipelineSettings)
+    segmentation: SegmentationConfig = dataclasses.field(default_factory=SegmentationConfig)
     # Deployment on Vertex AI; ignored by local runs.
     vertex: VertexConfig = dataclasses.field(default_factory=VertexConfig)
+
+
+def segmentation_settings(config: "Config") -> Optional[SegmentationConfig]:
+    """The segmentation section when the run is a segmentation task, else None."""
+    return config.segmentation if config.task == "segmentation" else None
 
 
 # Settings holding filesystem paths: resolved against the YAML file's folder.
@@ -395,9 +442,20 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
     override_raw = apply_overrides({}, overrides)
     _resolve_paths(override_raw, os.getcwd())
     deep_merge(raw, override_raw)
+    _segmentation_defaults(raw)
     config = from_dict(Config, raw, where=path or "config")
     validate(config)
     return config
+
+
+def _segmentation_defaults(raw: Dict[str, Any]) -> None:
+    """Segmentation fine-tunes only the encoder's last block unless told otherwise (the tutorial's recipe)."""
+    if raw.get("task") != "segmentation":
+        return
+    training = raw.setdefault("training", {})
+    fine_tune = training.setdefault("fine_tune", {}) if isinstance(training, dict) else None
+    if isinstance(fine_tune, dict) and "backbone" not in fine_tune:
+        fine_tune["backbone"] = "last_block"
 
 
 def deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> None:
@@ -408,7 +466,7 @@ def deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> None:
             base[k] = v
 
 
-_PHASE_POLICIES = ("frozen", "all", "freeze_first", "train_last")
+_PHASE_POLICIES = ("frozen", "all", "freeze_first", "train_last", "last_block")
 
 
 def validate(config: Config) -> None:
@@ -432,3 +490,35 @@ def validate(config: Config) -> None:
                           f"got {config.model.contrast!r}")
     if config.evaluation.split not in ("eval", "test"):
         raise ConfigError(f"evaluation.split: expected eval or test, got {config.evaluation.split!r}")
+    aug = config.training.augmentation
+    if aug.downscale_min_size and not 1 <= aug.downscale_min_size <= (size or 299):
+        raise ConfigError(f"training.augmentation.downscale_min_size: {aug.downscale_min_size} "
+                          f"is not between 1 px and the input size")
+    if not 0.0 <= aug.downscale_probability <= 1.0:
+        raise ConfigError(f"training.augmentation.downscale_probability: "
+                          f"{aug.downscale_probability} is not in [0, 1]")
+    if config.task == "segmentation":
+        _validate_segmentation(config)
+
+
+def _validate_segmentation(config: Config) -> None:
+    seg = config.segmentation
+    size = config.model.image_size
+    if size and size % 32:
+        raise ConfigError(f"model.image_size: {size} px; segmentation needs a multiple of 32 "
+                          "(the encoder's total stride), e.g. 224 or 256")
+    aug = config.training.augmentation
+    moving = [name for name in ("rotation", "zoom", "translation") if getattr(aug, name)]
+    if moving:
+        raise ConfigError(f"training.augmentation.{moving[0]}: not supported for segmentation "
+                          "(the mask would have to move with the image); flips, brightness, "
+                          "contrast and downscale are")
+    if seg.output not in ("softmax", "sigmoid"):
+        raise ConfigError(f"segmentation.output: expected softmax or sigmoid, got {seg.output!r}")
+    if seg.output == "sigmoid" and len(seg.class_values) != 2:
+        raise ConfigError("segmentation.output: sigmoid needs exactly 2 classes in class_values")
+    if not 0 <= seg.foreground_class < len(seg.class_values):
+        raise ConfigError(f"segmentation.foreground_class: {seg.foreground_class} is not a class "
+                          f"index (0-{len(seg.class_values) - 1})")
+    if config.training.label_smoothing:
+        raise ConfigError("training.label_smoothing: not supported for segmentation")

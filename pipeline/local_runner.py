@@ -41,14 +41,16 @@ def metadata_path(config: configs.Config) -> str:
 def ensure_prepared(config: configs.Config, force: bool = False) -> prepare_lib.PrepareResult:
     """Prepares the dataset unless ``prepared_dir`` already holds a finished one."""
     data = config.data
+    segmentation = configs.segmentation_settings(config)
     if not data.prepared_dir:
         raise configs.ConfigError("data.prepared_dir: not set (where the TFRecords go)")
-    if not force and prepare_lib.is_prepared(data.prepared_dir, data if data.source else None):
+    if not force and prepare_lib.is_prepared(data.prepared_dir, data if data.source else None,
+                                             segmentation):
         return prepare_lib.load_result(data.prepared_dir)
     if not data.source:
         raise configs.ConfigError(
             f"data.prepared_dir {data.prepared_dir} holds no prepared dataset and data.source is not set")
-    return prepare_lib.prepare_dataset(data)
+    return prepare_lib.prepare_dataset(data, segmentation=segmentation)
 
 
 def create_local_pipeline(config: configs.Config, prepared: prepare_lib.PrepareResult) -> tfx.dsl.Pipeline:

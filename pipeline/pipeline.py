@@ -21,7 +21,7 @@ from tfx import v1 as tfx
 from tfx.dsl.components.base import executor_spec
 from tfx.proto import example_gen_pb2
 
-from components import backbones, evaluation, pusher
+from components import backbones, evaluation, masks, pusher, transform as transform_lib
 from pipeline import configs
 
 COMPONENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "components")
@@ -84,12 +84,17 @@ def create_pipeline(
     example_validator = tfx.components.ExampleValidator(
         statistics=statistics_gen.outputs["statistics"], schema=schema_gen.outputs["schema"])
 
+    segmentation = configs.segmentation_settings(config)
+    transform_config = {"image_size": image_size, "classes": classes,
+                        "code_version": code_fingerprint("transform")}
+    if segmentation is not None:
+        transform_config.update(task="segmentation", mask_lookup=masks.lookup_table(
+            segmentation.class_values, transform_lib.VOID_ID))
     transform = tfx.components.Transform(
         examples=example_gen.outputs["examples"],
         schema=schema_gen.outputs["schema"],
         preprocessing_fn=TRANSFORM_FN,
-        custom_config={"image_size": image_size, "classes": classes,
-                       "code_version": code_fingerprint("transform")})
+        custom_config=transform_config)
 
     config_dict = configs.to_dict(config)
     # The deployment settings are not the Trainer's business (and leaving them out
@@ -100,7 +105,7 @@ def create_pipeline(
         "classes": classes,
         "state_root": trainer_state_root or os.path.join(pipeline_root, "trainer_state"),
         "code_version": code_fingerprint("transform", "trainer", "model", "backbones",
-                                         "signatures", "strategy"),
+                                         "signatures", "strategy", "segmentation_model"),
     }
     trainer_class = tfx.components.Trainer
     if cloud_training:
@@ -125,7 +130,9 @@ def create_pipeline(
         examples=example_gen.outputs["examples"],
         model=trainer.outputs["model"],
         baseline_model=model_resolver.outputs["model"],
-        eval_config=evaluation.create_eval_config(config.evaluation, len(classes)),
+        eval_config=(evaluation.create_segmentation_eval_config(config.evaluation, len(classes))
+                     if segmentation is not None
+                     else evaluation.create_eval_config(config.evaluation, len(classes))),
         example_splits=[config.evaluation.split])
 
     pusher_component = tfx.components.Pusher(

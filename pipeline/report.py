@@ -13,6 +13,9 @@ nothing else:
   (``results.summarize_run``), and the misclassified images of the evaluated
   split, found by running the SavedModel's ``serving_examples`` signature over
   (at most ``max_eval_examples`` of) the Evaluator's examples;
+* segmentation runs: per-class IoU next to precision/recall/F1, and a grid of
+  eval images with their ground truth and the predicted mask overlaid
+  (``segmentation_overlays``), instead of misclassified images;
 * the blessing decision against the baseline, and model facts
   (``assets.extra/visiontune.json``, SavedModel size).
 
@@ -48,7 +51,9 @@ MAX_EVAL_EXAMPLES = 1000
 MAX_MISCLASSIFIED_SHOWN = 36
 MAX_CONFUSED_PAIRS = 10
 MAX_REJECTS_SHOWN = 50
+MAX_OVERLAYS = 8
 THUMBNAIL = 96
+OVERLAY_SIZE = 256
 
 
 class ReportError(FileNotFoundError):
@@ -277,6 +282,43 @@ def find_mistakes(model_dir: str, examples_uri: str, split: str,
     return checked, total, mistakes
 
 
+@dataclasses.dataclass
+class Overlay:
+    filename: str
+    image: bytes  # encoded input image
+    truth: Any  # [h, w] class ids, -1 = void
+    predicted: Any  # [h, w] class ids
+    pixel_accuracy: float  # non-void pixels
+
+
+def segmentation_overlays(model_dir: str, examples_uri: str, split: str,
+                          class_values: Sequence[Sequence[int]], limit: int = MAX_OVERLAYS
+                          ) -> List[Overlay]:
+    """Ground truth and prediction (``serving_examples``' full-size ``masks``) of the first eval images."""
+    import numpy as np
+    import tensorflow as tf
+
+    from components import masks, signatures
+
+    files = _split_files(examples_uri, split)
+    if not files:
+        raise FileNotFoundError(f"no examples in {examples_uri}/Split-{split}")
+    lookup = np.array(masks.lookup_table(class_values, -1), dtype=np.int64)
+    predict = tf.saved_model.load(model_dir).signatures[signatures.SERVING_EXAMPLES]
+    found: List[Overlay] = []
+    for record in iter_examples(files, limit=limit):
+        example = tf.train.Example.FromString(record)
+        out = predict(examples=tf.constant([record]))
+        truth = lookup[tf.io.decode_png(_feature(example, masks.MASK_KEY), channels=1).numpy()[..., 0]]
+        predicted = lookup[tf.io.decode_png(out["mask_bytes"][0], channels=1).numpy()[..., 0]]
+        valid = truth >= 0
+        accuracy = float((predicted[valid] == truth[valid]).mean()) if valid.any() else float("nan")
+        found.append(Overlay(filename=_text(_feature(example, "filename") or b""),
+                             image=_feature(example, "image"), truth=truth, predicted=predicted,
+                             pixel_accuracy=accuracy))
+    return found
+
+
 # --------------------------------------------------------------------------- figures
 
 def _figure(width: float, height: float):
@@ -351,6 +393,41 @@ def plot_mistakes(mistakes: Sequence[Mistake], columns: int = 6) -> bytes:
     return plot_image_grid(cells, min(columns, max(1, len(cells))),
                            "Misclassified evaluation images (most confident first)",
                            color_fn=lambda i: "darkred")
+
+
+def _overlay(image, ids, colours, alpha: float = 0.5):
+    """``image`` with each non-background class id painted in its colour; void (-1) hatched grey."""
+    import numpy as np
+
+    out = image.astype(np.float64)
+    for class_id, colour in enumerate(colours):
+        if colour is None:
+            continue
+        sel = ids == class_id
+        out[sel] = (1 - alpha) * out[sel] + alpha * np.array(colour, dtype=np.float64)
+    out[ids < 0] = 0.5 * out[ids < 0] + 0.5 * 128.0
+    return out.astype(np.uint8)
+
+
+def plot_overlays(overlays: Sequence[Overlay], classes: Sequence[str]) -> bytes:
+    """One row per image: input | ground truth | prediction (class colours over the input)."""
+    import numpy as np
+    from PIL import Image
+
+    palette = [(255, 40, 40), (40, 200, 255), (255, 220, 0), (160, 60, 255), (60, 255, 120)]
+    # Class 0 (background) stays unpainted so the scene shows through.
+    colours = [None] + [palette[(i - 1) % len(palette)] for i in range(1, len(classes))]
+    fig = _figure(9, 2.6 * len(overlays) + 0.4)
+    axes = fig.subplots(len(overlays), 3, squeeze=False)
+    for row, o in zip(axes, overlays):
+        image = np.asarray(Image.open(io.BytesIO(o.image)).convert("RGB"))
+        panels = [(image, f"{o.filename}"), (_overlay(image, o.truth, colours), "ground truth (grey: void)"),
+                  (_overlay(image, o.predicted, colours), f"prediction · pixel acc {o.pixel_accuracy:.4f}")]
+        for ax, (pixels, title) in zip(row, panels):
+            ax.imshow(pixels)
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    return _png(fig)
 
 
 def plot_history(history: List[Dict[str, Any]]) -> bytes:
@@ -495,7 +572,9 @@ def gather(output_dir: str, max_eval_examples: int = MAX_EVAL_EXAMPLES) -> Dict[
         data["rejects"] = [list(r) for r in prepared.rejects]
         figures["class_counts.png"] = attempt(
             "class counts figure", lambda: plot_class_counts(prepared.counts, classes))
-    if arts.train_examples_uri and classes:
+    segmentation = (meta or {}).get("task") == "segmentation"
+    data["task"] = "segmentation" if segmentation else "classification"
+    if arts.train_examples_uri and classes and not segmentation:
         samples = attempt("sample images", lambda: sample_images(arts.train_examples_uri, classes))
         if samples:
             data["sample_classes"] = [c for c, v in samples.items() if v]
@@ -518,16 +597,23 @@ def gather(output_dir: str, max_eval_examples: int = MAX_EVAL_EXAMPLES) -> Dict[
     matrix = summary.confusion_matrix
     support = [int(sum(row)) for row in matrix] if matrix else []
     data["per_class"] = [
-        {"name": c.name, "precision": c.precision, "recall": c.recall, "f1": c.f1,
+        {"name": c.name, "precision": c.precision, "recall": c.recall, "f1": c.f1, "iou": c.iou,
          "support": support[i] if i < len(support) else None}
         for i, c in enumerate(summary.per_class)]
     data["confused_pairs"] = [list(p) for p in confused_pairs(matrix, classes)] if matrix else []
-    if matrix and classes:
+    if matrix and classes and not segmentation:
         figures["confusion_counts.png"] = attempt(
             "confusion matrix", lambda: plot_confusion(matrix, classes, normalise=False))
         figures["confusion_normalised.png"] = attempt(
             "confusion matrix", lambda: plot_confusion(matrix, classes, normalise=True))
-    if summary.model_dir and arts.eval_examples_uri:
+    if segmentation and summary.model_dir and arts.eval_examples_uri:
+        overlays = attempt("segmentation overlays", lambda: segmentation_overlays(
+            summary.model_dir, arts.eval_examples_uri, arts.eval_split, meta["class_values"]))
+        if overlays:
+            data["overlays"] = [{"filename": o.filename, "pixel_accuracy": o.pixel_accuracy}
+                                for o in overlays]
+            figures["overlays.png"] = attempt("overlay figure", lambda: plot_overlays(overlays, classes))
+    elif summary.model_dir and arts.eval_examples_uri:
         found = attempt("misclassified images", lambda: find_mistakes(
             summary.model_dir, arts.eval_examples_uri, arts.eval_split, max_eval_examples))
         if found is not None:
@@ -612,9 +698,12 @@ def render_html(data: Dict[str, Any], figures: Dict[str, bytes]) -> str:
     verdict = ("<span class='ok'>blessed and pushed</span>" if s["pushed"] else
                "<span class='ok'>blessed</span>, not pushed" if s["blessed"] else
                "<span class='bad'>not blessed</span>")
-    acc = s["metrics"].get("sparse_categorical_accuracy")
+    segmentation = data.get("task") == "segmentation"
+    headline = "pixel_accuracy" if segmentation else "sparse_categorical_accuracy"
+    acc = s["metrics"].get(headline)
     shown_acc = "" if acc is None else \
-        f" · accuracy <b>{_num(acc)}</b> on the <b>{_e(data['eval_split'])}</b> split"
+        (f" · {'pixel accuracy (void excluded)' if segmentation else 'accuracy'} <b>{_num(acc)}</b> "
+         f"on the <b>{_e(data['eval_split'])}</b> split")
     parts.append(f"<p>Outcome: {verdict}{shown_acc} · {len(classes)} classes</p>")
     if data["problems"]:
         parts.append("<div class='problems'><b>Parts of this report could not be built:</b><ul>"
@@ -626,7 +715,10 @@ def render_html(data: Dict[str, Any], figures: Dict[str, bytes]) -> str:
     if counts:
         splits = list(counts)
         rows = [[_e(c)] + [str(counts[sp].get(c, 0)) for sp in splits] for c in classes]
-        rows.append(["<b>total</b>"] + [f"<b>{sum(counts[sp].values())}</b>" for sp in splits])
+        if segmentation:
+            parts.append("<p class='muted'>Segmentation: images whose mask has pixels of each class.</p>")
+        else:
+            rows.append(["<b>total</b>"] + [f"<b>{sum(counts[sp].values())}</b>" for sp in splits])
         parts.append(f"<p>Prepared dataset: <code>{_e(data.get('prepared_dir', ''))}</code></p>")
         parts.append(_table(["class"] + splits, rows))
     parts.append(_img(figures, "class_counts.png", "images per class and split"))
@@ -688,14 +780,26 @@ def render_html(data: Dict[str, Any], figures: Dict[str, bytes]) -> str:
     else:
         parts.append("<p class='bad'>No evaluation metrics (the Evaluator did not run or failed).</p>")
     per_class = data.get("per_class") or []
-    if per_class:
+    if per_class and segmentation:
+        parts.append("<h3>Per class (pixels, void excluded)</h3>")
+        parts.append(_table(["class", "IoU", "precision", "recall", "F-measure"],
+                            [(_e(c["name"]), _num(c["iou"]), _num(c["precision"]), _num(c["recall"]),
+                              _num(c["f1"])) for c in per_class]))
+    elif per_class:
         parts.append("<h3>Per class</h3>")
         parts.append(_table(["class", "precision", "recall", "F1", "support"],
                             [(_e(c["name"]), _num(c["precision"]), _num(c["recall"]), _num(c["f1"]),
                               _e(c["support"] if c["support"] is not None else ""))
                              for c in per_class]))
-    parts.append(_img(figures, "confusion_counts.png", "confusion matrix (counts)"))
-    parts.append(_img(figures, "confusion_normalised.png", "confusion matrix (row-normalised)"))
+    if segmentation:
+        overlays = data.get("overlays") or []
+        parts.append("<h3>Input / ground truth / prediction</h3>")
+        parts.append(f"<p>The first {len(overlays)} {_e(data['eval_split'])} images through the exported "
+                     "model's <code>serving_examples</code> signature (masks at full size).</p>")
+        parts.append(_img(figures, "overlays.png", "input, ground truth and predicted masks"))
+    else:
+        parts.append(_img(figures, "confusion_counts.png", "confusion matrix (counts)"))
+        parts.append(_img(figures, "confusion_normalised.png", "confusion matrix (row-normalised)"))
     pairs = data.get("confused_pairs") or []
     if pairs:
         parts.append("<h3>Most confused (true → predicted)</h3>")

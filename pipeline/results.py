@@ -23,6 +23,7 @@ class ClassMetrics:
     precision: float
     recall: float
     f1: float
+    iou: Optional[float] = None  # segmentation only
 
 
 @dataclasses.dataclass
@@ -118,7 +119,7 @@ def read_metrics(evaluation_uri: str, classes: List[str]):
                 (baseline if is_baseline else overall)[key.name] = value
     rows = [ClassMetrics(name=classes[i] if i < len(classes) else str(i),
                          precision=m.get("precision", 0.0), recall=m.get("recall", 0.0),
-                         f1=m.get("f1_score", 0.0))
+                         f1=m.get("f1_score", 0.0), iou=m.get("iou"))
             for i, m in sorted(per_class.items())]
     return overall, rows, baseline
 

@@ -290,15 +290,50 @@ def top_k(outputs: Mapping[str, np.ndarray], k: int = 3,
     return rows
 
 
+MASK_OUTPUT = "mask_bytes"
+
+
+def _mask_rows(paths: Sequence[str], outputs: Mapping[str, np.ndarray], masks_dir: Optional[str]
+               ) -> List[dict]:
+    """Segmentation answers: the mask PNG per image (saved under ``masks_dir``) and its foreground share."""
+    import io
+
+    from PIL import Image
+
+    rows = []
+    probability = np.asarray(outputs.get("foreground_probability", []), dtype=np.float64)
+    for i, (path, png) in enumerate(zip(paths, np.ravel(outputs[MASK_OUTPUT]))):
+        mask = Image.open(io.BytesIO(png))
+        row = {"image": path, "mask_size": list(mask.size),
+               "mask_values": sorted(int(v) for v in np.unique(np.asarray(mask)))}
+        if probability.size:
+            row["foreground_share"] = float((probability[i] >= 0.5).mean())
+        if masks_dir:
+            os.makedirs(masks_dir, exist_ok=True)
+            row["mask"] = os.path.join(masks_dir, os.path.splitext(os.path.basename(path))[0] + "_mask.png")
+            with open(row["mask"], "wb") as f:
+                f.write(png)
+        rows.append(row)
+    return rows
+
+
 def classify_files(client, paths: Sequence[str], top: int = 3, batch_size: int = 32,
-                   class_names: Optional[Sequence[str]] = None) -> List[dict]:
-    """Sends image files (any format Pillow reads) in batches; top-k classes per file."""
+                   class_names: Optional[Sequence[str]] = None,
+                   masks_dir: Optional[str] = None) -> List[dict]:
+    """Sends image files (any format Pillow reads) in batches; top-k classes per file.
+
+    A segmentation model answers with a mask per image instead: the row then
+    has the mask's size and values, and the PNG is written to ``masks_dir``.
+    """
     from serving.images import encode_for_serving
 
     results = []
     for start in range(0, len(paths), batch_size):
         chunk = list(paths[start:start + batch_size])
         outputs = client.predict_images([encode_for_serving(p) for p in chunk])
+        if MASK_OUTPUT in outputs:
+            results.extend(_mask_rows(chunk, outputs, masks_dir))
+            continue
         if "probabilities" not in outputs:
             raise PredictionError("the signature has no 'probabilities' output to rank", "INVALID_ARGUMENT")
         for path, classes in zip(chunk, top_k(outputs, top, class_names)):

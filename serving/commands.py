@@ -44,7 +44,7 @@ def add_commands(sub) -> None:
                    help=f"use the built-in server even when {TF_SERVING_BINARY} is installed")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("predict", help="classify images with a served model (REST or gRPC)")
+    p = sub.add_parser("predict", help="classify (or segment) images with a served model (REST or gRPC)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
     p.add_argument("--server", help="REST URL, e.g. http://localhost:8501")
     p.add_argument("--grpc", metavar="HOST:PORT", help="use gRPC at this address instead of REST")
@@ -56,6 +56,8 @@ def add_commands(sub) -> None:
     p.add_argument("--classes", help="classes.txt, or a model folder holding assets.extra/classes.txt, "
                                      "for the names of the classes below the top one")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--masks-dir", help="segmentation models: write each image's mask PNG here "
+                                       "(IMAGE_STEM_mask.png)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_predict)
 
@@ -159,7 +161,8 @@ def cmd_predict(args) -> int:
     else:
         client = RestClient(args.server, args.model, args.version, args.signature, args.timeout)
     try:
-        results = classify_files(client, args.images, args.top_k, args.batch_size, names)
+        results = classify_files(client, args.images, args.top_k, args.batch_size, names,
+                                 masks_dir=args.masks_dir)
     except PredictionError as e:
         raise UserError(f"{e.code}: {e.message}") from None
     except ValueError as e:  # an image Pillow cannot read
@@ -170,6 +173,11 @@ def cmd_predict(args) -> int:
         print(json.dumps(results, indent=2))
     else:
         for row in results:
-            ranked = "  ".join(f"{c['class']} {c['probability']:.3f}" for c in row["top_k"])
-            print(f"{row['image']}: {ranked}")
+            if "top_k" in row:
+                ranked = "  ".join(f"{c['class']} {c['probability']:.3f}" for c in row["top_k"])
+                print(f"{row['image']}: {ranked}")
+            else:
+                share = f", foreground {row['foreground_share']:.1%}" if "foreground_share" in row else ""
+                where = f" -> {row['mask']}" if "mask" in row else " (pass --masks-dir to save it)"
+                print(f"{row['image']}: mask {row['mask_size'][0]}x{row['mask_size'][1]}{share}{where}")
     return 0

@@ -78,7 +78,10 @@ def cmd_prepare(args) -> int:
     config = _load(args, _PREPARE_SHORTCUTS)
     if not config.data.prepared_dir:
         raise UserError("no output folder: pass --output or set data.prepared_dir")
-    result = prepare.prepare_dataset(config.data, progress=not args.quiet)
+    from pipeline import configs
+
+    result = prepare.prepare_dataset(config.data, progress=not args.quiet,
+                                     segmentation=configs.segmentation_settings(config))
     print(result.summary())
     return 0
 
