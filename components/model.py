@@ -95,9 +95,10 @@ class RandomDownscale(base_layer.BaseRandomLayer):
     (resizing is per batch), applied to each image with ``probability``.
     """
 
-    def __init__(self, min_size: int, probability: float = 0.5, seed=None, **kwargs):
+    def __init__(self, min_size: int, probability: float = 0.5, max_size: int = 0, seed=None, **kwargs):
         super().__init__(seed=seed, **kwargs)
         self.min_size = int(min_size)
+        self.max_size = int(max_size)  # 0: the input size
         self.probability = float(probability)
         self.seed = seed
 
@@ -106,8 +107,9 @@ class RandomDownscale(base_layer.BaseRandomLayer):
             return inputs
         shape = tf.shape(inputs)
         side = shape[1]
+        largest = tf.cast(tf.minimum(side, self.max_size) if self.max_size else side, tf.float32)
         small = tf.cast(self._random_generator.random_uniform(
-            [], minval=float(self.min_size), maxval=tf.cast(side, tf.float32) + 1.0), tf.int32)
+            [], minval=float(self.min_size), maxval=largest + 1.0), tf.int32)
         small = tf.clip_by_value(small, 1, side)
         blurred = tf.image.resize(inputs, [small, small], method="area")
         blurred = tf.cast(tf.image.resize(blurred, shape[1:3], method="bilinear"), inputs.dtype)
@@ -115,7 +117,7 @@ class RandomDownscale(base_layer.BaseRandomLayer):
         return tf.where(chosen, blurred, inputs)
 
     def get_config(self):
-        return {**super().get_config(), "min_size": self.min_size,
+        return {**super().get_config(), "min_size": self.min_size, "max_size": self.max_size,
                 "probability": self.probability, "seed": self.seed}
 
 
@@ -128,8 +130,8 @@ def create_augmentation(aug: configs.AugmentationConfig, seed: int) -> tf_keras.
     if mode:
         layers.append(L.RandomFlip(mode, seed=seed))
     if aug.downscale_min_size:
-        layers.append(RandomDownscale(aug.downscale_min_size, aug.downscale_probability, seed=seed,
-                                      name="random_downscale"))
+        layers.append(RandomDownscale(aug.downscale_min_size, aug.downscale_probability,
+                                      aug.downscale_max_size, seed=seed, name="random_downscale"))
     if aug.rotation:
         layers.append(L.RandomRotation(aug.rotation, fill_mode="reflect", seed=seed))
     if aug.zoom:

@@ -84,9 +84,11 @@ class AugmentationConfig:
     translation: float = 0.0  # +- fraction of height/width
     brightness: float = 0.0  # +- fraction of the value range
     contrast: float = 0.0  # +- factor
-    # Shrink images to a random side in [downscale_min_size, image_size] px and
-    # scale them back up (0 = off): teaches the blur of small, far-away photos.
+    # Shrink images to a random side in [downscale_min_size, downscale_max_size]
+    # px (max 0: the input size) and scale them back up (min 0 = off): teaches
+    # the blur of small, far-away photos.
     downscale_min_size: int = 0
+    downscale_max_size: int = 0
     downscale_probability: float = 0.5
 
 
@@ -494,6 +496,9 @@ def validate(config: Config) -> None:
     if aug.downscale_min_size and not 1 <= aug.downscale_min_size <= (size or 299):
         raise ConfigError(f"training.augmentation.downscale_min_size: {aug.downscale_min_size} "
                           f"is not between 1 px and the input size")
+    if aug.downscale_max_size and aug.downscale_max_size < aug.downscale_min_size:
+        raise ConfigError(f"training.augmentation.downscale_max_size: {aug.downscale_max_size} is "
+                          f"below downscale_min_size {aug.downscale_min_size}")
     if not 0.0 <= aug.downscale_probability <= 1.0:
         raise ConfigError(f"training.augmentation.downscale_probability: "
                           f"{aug.downscale_probability} is not in [0, 1]")

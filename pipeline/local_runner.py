@@ -75,15 +75,24 @@ def run(config: configs.Config, force_prepare: bool = False) -> results.RunSumma
     # The newest run's outcome, for people and for reports built later.
     with open(os.path.join(config.pipeline.output_dir, SUMMARY_FILE), "w") as f:
         json.dump(summary.to_json(), f, indent=2)
-    write_report(config.pipeline.output_dir)
+    write_report(config.pipeline.output_dir, summary.to_json())
     return summary
 
 
-def write_report(output_dir: str) -> Optional[str]:
-    """The run's HTML report (``<output_dir>/report/``); a failure is a warning, not a failed run."""
+def write_report(output_dir: str, summary: Optional[dict] = None) -> Optional[str]:
+    """The run's HTML report (``<output_dir>/report/``); a failure is a warning, not a failed run.
+
+    With the run's ``summary``, an existing report of exactly that outcome (a
+    re-run where every component was cached) is kept rather than rebuilt: the
+    rebuild re-runs the model over the evaluation split for its mistakes grid.
+    """
     from pipeline import report
 
     log = logging.getLogger("visiontune.report")
+    if summary is not None and report.is_current(output_dir, summary):
+        index = os.path.join(output_dir, report.REPORT_DIR, report.INDEX_FILE)
+        log.info("report (unchanged run): %s", index)
+        return index
     try:
         index = report.write_report(output_dir)
     except Exception as e:  # noqa: BLE001 - the model is trained and pushed: keep the run's outcome

@@ -859,6 +859,13 @@ def render_html(data: Dict[str, Any], figures: Dict[str, bytes]) -> str:
     return "\n".join(parts)
 
 
+def is_current(output_dir: str, summary: Dict[str, Any]) -> bool:
+    """Whether ``<output_dir>/report`` was built for a run with exactly this outcome and no problems."""
+    data = _read_json(os.path.join(output_dir, REPORT_DIR, DATA_FILE))
+    return bool(data) and not data.get("problems") and data.get("summary") == json.loads(
+        json.dumps(summary, default=str)) and os.path.exists(os.path.join(output_dir, REPORT_DIR, INDEX_FILE))
+
+
 def write_report(output_dir: str, report_dir: str = "", max_eval_examples: int = MAX_EVAL_EXAMPLES) -> str:
     """Builds the report of the run in ``output_dir``; returns the path of ``index.html``."""
     output_dir = resolve_output_dir(output_dir)

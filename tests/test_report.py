@@ -152,6 +152,14 @@ def test_run_writes_its_report_at_the_end(first_run, first_run_snapshot):
 
 
 @pytest.mark.e2e
+def test_a_report_of_the_same_outcome_is_kept_and_another_is_rebuilt(first_run_snapshot):
+    """A fully cached re-run keeps the report (rebuilding re-runs the model over the eval split)."""
+    summary = json.load(open(os.path.join(first_run_snapshot, "run_summary.json")))
+    assert report.is_current(first_run_snapshot, summary)
+    assert not report.is_current(first_run_snapshot, {**summary, "pushed_dir": "elsewhere"})
+
+
+@pytest.mark.e2e
 def test_report_numbers_are_tfmas(built_report, first_run):
     _, summary = first_run
     _, page, data = built_report
