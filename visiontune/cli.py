@@ -42,7 +42,8 @@ _PREPARE_SHORTCUTS = [
 # Modules adding subcommands: each has ``add_commands(subparsers)``, registering
 # functions ``func(args) -> int`` that import their heavy dependencies lazily
 # (argparse runs on every invocation; TensorFlow should not).
-COMMAND_MODULES: Tuple[str, ...] = ("pipeline.vertex_commands", "serving.commands", "pipeline.report_commands")
+COMMAND_MODULES: Tuple[str, ...] = ("pipeline.vertex_commands", "serving.commands", "pipeline.report_commands",
+                                     "pipeline.compare_commands")
 
 
 class UserError(Exception):
