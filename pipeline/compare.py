@@ -249,6 +249,8 @@ def plan_comparison(config_path: Optional[str], specs: Sequence[BackboneSpec],
     from pipeline import configs
 
     base = configs.load_config(config_path, overrides)
+    if base.task != "classification":
+        raise CompareError(f"compare supports classification configs; this one is task: {base.task}")
     plans: List[Plan] = []
     labels: Dict[str, int] = {}
     for spec in specs:

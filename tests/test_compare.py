@@ -66,6 +66,8 @@ def test_plan_inherits_the_configs_weights_only_for_its_own_backbone_and_alpha(t
     with pytest.raises(compare.CompareError, match="at least 75"):
         compare.plan_comparison(None, compare.parse_backbones(["inception_v3:image_size=64"]), [],
                                 str(tmp_path), probe=False)
+    with pytest.raises(compare.CompareError, match="classification"):
+        compare.plan_comparison(None, specs, overrides + ["task=segmentation"], str(tmp_path), probe=False)
     with pytest.raises(compare.CompareError, match="unknown backbone"):
         compare.plan_comparison(None, compare.parse_backbones(["resnet999"]), [], str(tmp_path))
 
