@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import statistics
 import sys
 from typing import Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from pipeline import machine as machine_lib  # noqa: E402
 SHARED = os.environ.get("VISIONTUNE_SHARED") or os.path.join(os.path.dirname(REPO), "shared")
 FLOWERS = os.path.join(SHARED, "datasets", "flowers")
 GTSRB = os.path.join(SHARED, "datasets", "gtsrb")
@@ -38,8 +39,7 @@ def require(path: str) -> str:
 
 
 def load() -> str:
-    one, five, _ = os.getloadavg()
-    return f"{one:.1f}/{five:.1f}"
+    return machine_lib.load_average()
 
 
 def median(values: Sequence[float]) -> float:
@@ -47,12 +47,7 @@ def median(values: Sequence[float]) -> float:
 
 
 def machine() -> str:
-    try:
-        import tensorflow as tf
-        gpus = tf.config.list_physical_devices("GPU")
-    except Exception:  # noqa: BLE001
-        gpus = []
-    return f"{os.cpu_count()} CPU cores, {'%d GPU' % len(gpus) if gpus else 'no GPU'}, {platform.machine()}"
+    return machine_lib.describe()
 
 
 def command() -> str:

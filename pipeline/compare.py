@@ -41,7 +41,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import re
 import socket
 import statistics
@@ -49,6 +48,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from components import keras_env  # noqa: F401
+from pipeline import machine
 
 logger = logging.getLogger("visiontune.compare")
 
@@ -365,7 +365,7 @@ def read_backbone_run(metadata_path: str, context_id: int, classes: Sequence[str
         matrix = results.read_confusion_matrix(row["evaluation_dir"], len(classes))
         if matrix and sum(map(sum, matrix)):
             row["confusion_matrix"] = matrix
-            f1 = f1_from_confusion(matrix)
+            f1 = [c.f1 for c in results.per_class_from_confusion(matrix, classes)]
             row["per_class_f1"] = dict(zip(classes, f1))
             row["macro_f1"] = statistics.fmean(f1) if f1 else None
             row["f1_source"] = "confusion matrix"
@@ -374,20 +374,6 @@ def read_backbone_run(metadata_path: str, context_id: int, classes: Sequence[str
             row["macro_f1"] = statistics.fmean(c.f1 for c in per_class) if per_class else None
             row["f1_source"] = "F1Score metric"
     return row
-
-
-def f1_from_confusion(matrix: Sequence[Sequence[float]]) -> List[float]:
-    """Per-class F1 of an arg-max confusion matrix (``matrix[true][predicted]``); 0 for a class
-    that is neither present nor predicted."""
-    n = len(matrix)
-    f1 = []
-    for i in range(n):
-        tp = matrix[i][i]
-        fn = sum(matrix[i]) - tp
-        fp = sum(matrix[t][i] for t in range(n)) - tp
-        denominator = 2 * tp + fp + fn
-        f1.append(2 * tp / denominator if denominator else 0.0)
-    return f1
 
 
 def training_figures(history: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -481,24 +467,6 @@ def measure_latency(rows: List[Dict[str, Any]], split: str, runs: int = DEFAULT_
 
 # --------------------------------------------------------------------------- running
 
-def machine() -> str:
-    """As ``benchmarks/_perf_common.machine()`` writes it."""
-    try:
-        import tensorflow as tf
-        gpus = tf.config.list_physical_devices("GPU")
-    except Exception:  # noqa: BLE001
-        gpus = []
-    return f"{os.cpu_count()} CPU cores, {'%d GPU' % len(gpus) if gpus else 'no GPU'}, {platform.machine()}"
-
-
-def _load() -> str:
-    try:
-        one, five, _ = os.getloadavg()
-        return f"{one:.1f}/{five:.1f}"
-    except OSError:
-        return ""
-
-
 def run_backbone(plan: Plan) -> Dict[str, Any]:
     """Runs the pipeline for one backbone; its row (``error`` set when the run failed)."""
     from tfx import v1 as tfx
@@ -556,7 +524,7 @@ def run_comparison(config_path: Optional[str], backbones: Sequence[Any],
     os.makedirs(output_dir, exist_ok=True)
     plans = plan_comparison(config_path, specs, overrides, output_dir)
     started = datetime.datetime.now()
-    load_before = _load()
+    load_before = machine.load_average()
     rows = [run_backbone(plan) for plan in plans]
     split = base.evaluation.split
     measure_latency(rows, split, latency_runs)
@@ -569,8 +537,8 @@ def run_comparison(config_path: Optional[str], backbones: Sequence[Any],
         "pipeline_dir": os.path.join(output_dir, PIPELINE_DIR),
         "pipeline_name": base.pipeline.name,
         "eval_split": split,
-        "machine": machine(),
-        "load": {"before": load_before, "after": _load()},
+        "machine": machine.describe(),
+        "load": {"before": load_before, "after": machine.load_average()},
         "wall_seconds": (datetime.datetime.now() - started).total_seconds(),
         "latency_runs": latency_runs,
         "classes": next((r["classes"] for r in rows if r.get("classes")), []),

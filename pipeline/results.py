@@ -148,6 +148,28 @@ def read_confusion_matrix(evaluation_uri: str, num_classes: int) -> List[List[in
     return matrix
 
 
+def per_class_from_confusion(matrix: List[List[int]], classes: List[str]) -> List[ClassMetrics]:
+    """Arg-max precision, recall and F1 per class from TFMA's confusion matrix (``[true][predicted]``).
+
+    Preferred over TFMA's own binarized Precision/Recall/F1Score (``top_k: 1``):
+    TFMA 0.47 credits a class that is never the arg-max with recall 1 and
+    precision = its share of the examples.  A class never predicted (or never
+    present) gets 0 for the undefined ratio, as scikit-learn's ``zero_division=0``.
+    """
+    n = len(matrix)
+    rows = []
+    for i in range(n):
+        tp = matrix[i][i]
+        predicted = sum(matrix[t][i] for t in range(n))
+        actual = sum(matrix[i])
+        denominator = predicted + actual
+        rows.append(ClassMetrics(name=classes[i] if i < len(classes) else str(i),
+                                 precision=tp / predicted if predicted else 0.0,
+                                 recall=tp / actual if actual else 0.0,
+                                 f1=2 * tp / denominator if denominator else 0.0))
+    return rows
+
+
 def blessing_failures(evaluation_uri: str) -> List[str]:
     import tensorflow_model_analysis as tfma
 
@@ -187,6 +209,8 @@ def summarize_run(metadata_path: str) -> RunSummary:
         summary.metrics, summary.per_class, summary.baseline_metrics = read_metrics(evaluation.uri, classes)
         summary.classes = classes
         summary.confusion_matrix = read_confusion_matrix(evaluation.uri, len(classes))
+        if summary.confusion_matrix and sum(map(sum, summary.confusion_matrix)):
+            summary.per_class = per_class_from_confusion(summary.confusion_matrix, classes)
         if not summary.blessed:
             summary.reasons = blessing_failures(evaluation.uri)
     if blessing is None:

@@ -16,7 +16,7 @@ import os
 
 import pytest
 
-from pipeline import compare
+from pipeline import compare, results
 from tests.conftest import MOBILENET_V2_035, SHAPE_CLASSES
 from tests.test_report import table_with_header, tables, tfma_figures
 from visiontune import cli
@@ -107,9 +107,10 @@ def test_unreachable_imagenet_and_misfit_files_fall_back_to_none(monkeypatch, tm
 
 def test_f1_from_the_confusion_matrix_gives_never_predicted_classes_zero():
     # true x predicted: everything predicted as class 1; class 2 absent and never predicted.
-    f1 = compare.f1_from_confusion([[0, 3, 0], [0, 2, 0], [0, 0, 0]])
+    f1 = [c.f1 for c in results.per_class_from_confusion([[0, 3, 0], [0, 2, 0], [0, 0, 0]], list("abc"))]
     assert f1 == pytest.approx([0.0, 2 * 2 / (2 * 2 + 3), 0.0])
-    assert compare.f1_from_confusion([[2, 0], [1, 1]]) == pytest.approx([0.8, 2 / 3])
+    assert [c.f1 for c in results.per_class_from_confusion([[2, 0], [1, 1]], ["a", "b"])] == pytest.approx(
+        [0.8, 2 / 3])
 
 
 def test_training_figures_take_medians_of_the_last_phase():

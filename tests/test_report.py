@@ -172,17 +172,23 @@ def test_report_numbers_are_tfmas(built_report, first_run):
         assert data["summary"]["metrics"][name] == overall[name]
     assert float(shown["example_count"]) == overall["example_count"] == 120
 
-    # Per class: names in class order, TFMA's precision/recall/F1, support from the confusion matrix.
+    # Per class: names in class order, arg-max precision/recall/F1 and support from TFMA's
+    # confusion matrix; equal to TFMA's own per-class metrics for every class the model
+    # predicts at least once (TFMA credits a never-predicted class with recall 1).
     rows = table_with_header(page, ["class", "precision", "recall", "F1", "support"])
     assert [r[0] for r in rows] == GTSRB_CLASSES
     matrix = np.array(summary.confusion_matrix)
     for class_id, row in enumerate(rows):
-        tfma_row = per_class[class_id]
-        assert row[1:4] == [f"{tfma_row[k]:.4f}" for k in ("precision", "recall", "f1_score")], row
-        assert int(row[4]) == matrix[class_id].sum()
+        tp, predicted, actual = matrix[class_id, class_id], matrix[:, class_id].sum(), matrix[class_id].sum()
+        expected = (tp / predicted if predicted else 0.0, tp / actual if actual else 0.0,
+                    2 * tp / (predicted + actual) if predicted + actual else 0.0)
+        assert row[1:4] == [f"{v:.4f}" for v in expected], row
+        assert int(row[4]) == actual
         exact = data["per_class"][class_id]
-        assert (exact["precision"], exact["recall"], exact["f1"]) == (
-            tfma_row["precision"], tfma_row["recall"], tfma_row["f1_score"])
+        assert (exact["precision"], exact["recall"], exact["f1"]) == pytest.approx(expected)
+        if predicted:
+            tfma_row = per_class[class_id]
+            assert row[1:4] == [f"{tfma_row[k]:.4f}" for k in ("precision", "recall", "f1_score")], row
     assert sum(int(r[4]) for r in rows) == overall["example_count"] == 120
 
     # Every class name, with its counts per split from the prepared dataset.
