@@ -73,6 +73,18 @@ def append_rows(title: str, intro: str, header: str, rows: Sequence[str]) -> Non
     open(path, "w").write(text)
 
 
+def quality_arguments(doc: str, config_name: str, argv=None):
+    """The quality scripts' command line: --config (default ``configs/CONFIG_NAME``), --set, --note, --no-write."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--config", default=os.path.join(REPO, "configs", config_name))
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--note", default="", help="what this run changes, for the table")
+    parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
+    return parser.parse_args(argv)
+
+
 def run_pipeline(config_path: str, overrides: Sequence[str]):
     """Runs ``visiontune run`` in process: (config, summary, wall seconds, "Component Ns, ..." text)."""
     import time

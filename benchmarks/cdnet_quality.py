@@ -13,7 +13,6 @@ row to BENCHMARKS.md.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -62,13 +61,7 @@ def client_scores(model_dir: str, test_source: str, seg) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=os.path.join(REPO, "configs", "cdnet2014.yaml"))
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--note", default="", help="what this run changes, for the table")
-    parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
-    args = parser.parse_args(argv)
-
+    args = common.quality_arguments(__doc__, "cdnet2014.yaml", argv)
     config, summary, wall, per_component = common.run_pipeline(args.config, args.overrides)
     scores = client_scores(summary.pushed_dir or summary.model_dir, config.data.test_source,
                            config.segmentation)

