@@ -89,7 +89,9 @@ def main(argv=None) -> int:
     phase = getattr(train_cfg, args.phase)
     num_classes = 5
     strategy, strategy_desc = strategy_lib.create_strategy(train_cfg.tpu)
-    kw = dict(image_size=args.size, batch_size=args.batch_size, seed=train_cfg.seed, num_classes=num_classes)
+    # As run_fn: one-hot labels when the config smooths them (the GTSRB config does).
+    kw = dict(image_size=args.size, batch_size=args.batch_size, seed=train_cfg.seed, num_classes=num_classes,
+              one_hot=train_cfg.label_smoothing > 0)
     train_ds = trainer.create_dataset(train_files, training=True, **kw)
     eval_ds = trainer.create_dataset(eval_files, training=False, **kw).take(args.val_batches)
     # Fill both caches first: neither side should pay for reading the files.

@@ -147,6 +147,9 @@ class TrainingConfig:
     reduce_lr_factor: float = 0.5
     # Cap on steps per epoch (0 = whole split); useful for smoke tests.
     steps_per_epoch: int = 0
+    # A killed Trainer resumes from its last backup; back up at the end of an
+    # epoch once this many seconds have passed since the last one (0: every epoch).
+    backup_every_seconds: float = 30.0
     seed: int = 42
     # Mixed precision on GPU (float32 output layer); ignored on CPU/TPU.
     mixed_precision: bool = True

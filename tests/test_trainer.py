@@ -107,7 +107,8 @@ def test_a_killed_trainer_resumes_where_it_stopped(shapes_transformed, tmp_path)
     from components import model as model_lib
 
     _, transformed_dir, classes, size = shapes_transformed
-    config = _config(warmup={"epochs": 1}, fine_tune={"epochs": 4, "backbone": "all"})
+    config = _config(warmup={"epochs": 1}, fine_tune={"epochs": 4, "backbone": "all"},
+                     backup_every_seconds=0)  # a backup at every epoch's end
     data = dict(image_size=size, batch_size=8, num_classes=3)
     train_ds = trainer.create_dataset([os.path.join(transformed_dir, "train*")], training=True, **data)
     eval_ds = trainer.create_dataset([os.path.join(transformed_dir, "eval*")], training=False, **data)
@@ -125,3 +126,24 @@ def test_a_killed_trainer_resumes_where_it_stopped(shapes_transformed, tmp_path)
                                  extra_callbacks=[seen])
     assert seen.seen == [3, 4]  # warm-up not redone, fine-tuning epochs 1-2 not redone
     assert [r["phase"] for r in history] == ["warmup", "fine_tune", "fine_tune"]
+
+
+@pytest.mark.parametrize("min_seconds, resumed_at", [(0, 2), (3600, 0)])
+def test_backups_are_throttled_by_time(tmp_path, min_seconds, resumed_at):
+    """Backing up every epoch costs ~7 % on short epochs: between backups at least min_seconds pass."""
+    import numpy as np
+    import tf_keras
+
+    x, y = np.ones((8, 2), "float32"), np.ones((8, 1), "float32")
+
+    def fit(callbacks):
+        model = tf_keras.Sequential([tf_keras.Input((2,)), tf_keras.layers.Dense(1)])
+        model.compile("sgd", "mse")
+        model.fit(x, y, epochs=4, verbose=0, callbacks=[
+            trainer.ThrottledBackupAndRestore(str(tmp_path / "backup"), min_seconds)] + callbacks)
+
+    with pytest.raises(KeyboardInterrupt):
+        fit([_KillAt(2)])  # epochs 0 and 1 finished
+    seen = _Epochs()
+    fit([seen])
+    assert seen.seen[0] == resumed_at
