@@ -121,6 +121,36 @@ class RandomDownscale(base_layer.BaseRandomLayer):
                 "probability": self.probability, "seed": self.seed}
 
 
+@tf_keras.utils.register_keras_serializable(package="visiontune")
+class InferenceCenterCrop(tf_keras.layers.Layer):
+    """At inference only: keeps the central ``fraction`` of each image, scaled back to its size.
+
+    Random zoom and shifts in training, and photos taken from further away in
+    use, leave the object smaller in a whole served image than the model saw
+    it during training; looking at the centre evens that out (the standard
+    ImageNet evaluation crop, 0.875).  In the model, so both serving signatures
+    and the Evaluator crop alike; training passes images through untouched.
+    """
+
+    def __init__(self, fraction: float, **kwargs):
+        super().__init__(**kwargs)
+        self.fraction = float(fraction)
+
+    def call(self, inputs, training=None):
+        if training or self.fraction >= 1.0:
+            return inputs
+        shape = tf.shape(inputs)
+        side = tf.cast(shape[1:3], tf.float32)
+        crop = tf.maximum(tf.cast(tf.round(side * self.fraction), tf.int32), 1)
+        offset = (shape[1:3] - crop) // 2
+        cropped = tf.slice(inputs, tf.stack([0, offset[0], offset[1], 0]),
+                           tf.stack([-1, crop[0], crop[1], -1]))
+        return tf.cast(tf.image.resize(cropped, shape[1:3], method="bilinear"), inputs.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "fraction": self.fraction}
+
+
 def create_augmentation(aug: configs.AugmentationConfig, seed: int) -> tf_keras.Sequential:
     """Random transforms, active only when the model is called with ``training=True``."""
     L = tf_keras.layers
@@ -164,6 +194,8 @@ def create_model(model_cfg: configs.ModelConfig, num_classes: int,
     inputs = tf_keras.Input(shape=(size, size, 3), dtype=tf.uint8, name="image")
     # Rescaling(1) is just a cast to float that every Keras version serializes.
     x = tf_keras.layers.Rescaling(1.0, name="to_float")(inputs)
+    if model_cfg.center_crop_fraction < 1.0:
+        x = InferenceCenterCrop(model_cfg.center_crop_fraction, name="center_crop")(x)
     augment = create_augmentation(augmentation, seed)
     if augment.layers:
         x = augment(x)

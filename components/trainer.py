@@ -50,15 +50,30 @@ def _fits_in_memory(files: Sequence[str], fraction: float = 0.25) -> bool:
     return size < ram * fraction
 
 
+def _decoded_records(files: Sequence[str], parse, *, training: bool, seed: int,
+                     cache: Optional[bool], shuffle_buffer: int) -> tf.data.Dataset:
+    """Reads gzipped records in parallel, decodes them with ``parse``, caches, shuffles.
+
+    Decoded examples are cached in memory when they fit (so later epochs read no
+    files) and shuffled after the cache, so every epoch sees a new order.
+    """
+    ds = tf.data.Dataset.from_tensor_slices(list(files))
+    ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
+                       cycle_length=min(len(files), 8), num_parallel_calls=AUTOTUNE,
+                       deterministic=True)
+    ds = ds.map(parse, num_parallel_calls=AUTOTUNE)
+    if cache if cache is not None else _fits_in_memory(files):
+        ds = ds.cache()
+    if training:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    return ds
+
+
 def create_dataset(file_patterns: Sequence[str], image_size: int, batch_size: int, *,
                    training: bool, seed: int = 42, num_classes: int = 0,
                    one_hot: bool = False, cache: Optional[bool] = None) -> tf.data.Dataset:
-    """``(pixels uint8 [b,s,s,3], label)`` batches from transformed TFRecords.
-
-    Records are parsed and decoded in parallel, cached in memory after decoding
-    when they fit (so later epochs read no files), shuffled after the cache (a
-    new order every epoch) and prefetched, so the model never waits on input.
-    """
+    """``(pixels uint8 [b,s,s,3], label)`` batches from transformed TFRecords,
+    prefetched so the model never waits on input."""
     files = _list_files(file_patterns)
     spec = {transform.PIXELS_KEY: tf.io.FixedLenFeature([], tf.string),
             transform.LABEL_ID_KEY: tf.io.FixedLenFeature([], tf.int64)}
@@ -71,15 +86,8 @@ def create_dataset(file_patterns: Sequence[str], image_size: int, batch_size: in
             label = tf.one_hot(label, num_classes)
         return pixels, label
 
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
-                       cycle_length=min(len(files), 8), num_parallel_calls=AUTOTUNE,
-                       deterministic=True)
-    ds = ds.map(parse, num_parallel_calls=AUTOTUNE)
-    if cache if cache is not None else _fits_in_memory(files):
-        ds = ds.cache()
-    if training:
-        ds = ds.shuffle(4096, seed=seed, reshuffle_each_iteration=True)
+    ds = _decoded_records(files, parse, training=training, seed=seed, cache=cache,
+                          shuffle_buffer=4096)
     return ds.batch(batch_size).prefetch(AUTOTUNE)
 
 
@@ -118,12 +126,9 @@ def create_segmentation_dataset(file_patterns: Sequence[str], image_size: int, b
         labels = tf.cast(labels, tf.float32)[..., None] if sigmoid else tf.cast(labels, tf.int32)
         return pixels, labels, weights
 
-    ds = tf.data.TFRecordDataset(files, compression_type="GZIP")
-    ds = ds.map(parse, num_parallel_calls=AUTOTUNE)
-    if cache if cache is not None else _fits_in_memory(files):
-        ds = ds.cache()
+    ds = _decoded_records(files, parse, training=training, seed=seed, cache=cache,
+                          shuffle_buffer=1024)
     if training:
-        ds = ds.shuffle(1024, seed=seed, reshuffle_each_iteration=True)
         if augmentation and (augmentation.horizontal_flip or augmentation.vertical_flip):
             ds = ds.map(flip, num_parallel_calls=AUTOTUNE)
     return ds.map(to_targets, num_parallel_calls=AUTOTUNE).batch(batch_size).prefetch(AUTOTUNE)

@@ -108,6 +108,12 @@ class ModelConfig:
     # equalize (histogram equalisation).  Helps with very dark or washed-out
     # photos such as GTSRB's.
     contrast: str = "none"
+    # Inference only: the model looks at this central fraction of the image,
+    # scaled back to the input size (TF Model Garden's ``center_crop_fraction``;
+    # 0.875 is ImageNet's standard).  Training sees whole images with random
+    # zoom and shifts, so objects look larger to it than in a whole test photo
+    # (FixRes, Touvron et al. 2019); the crop evens that out.  1.0: no crop.
+    center_crop_fraction: float = 1.0
     head: HeadConfig = dataclasses.field(default_factory=HeadConfig)
 
 
@@ -493,6 +499,9 @@ def validate(config: Config) -> None:
     if config.model.contrast not in ("none", "autocontrast", "equalize"):
         raise ConfigError(f"model.contrast: expected none, autocontrast or equalize, "
                           f"got {config.model.contrast!r}")
+    if not 0.0 < config.model.center_crop_fraction <= 1.0:
+        raise ConfigError(f"model.center_crop_fraction: {config.model.center_crop_fraction} "
+                          "is not in (0, 1]")
     if config.evaluation.split not in ("eval", "test"):
         raise ConfigError(f"evaluation.split: expected eval or test, got {config.evaluation.split!r}")
     aug = config.training.augmentation
@@ -521,6 +530,9 @@ def _validate_segmentation(config: Config) -> None:
         raise ConfigError(f"training.augmentation.{moving[0]}: not supported for segmentation "
                           "(the mask would have to move with the image); flips, brightness, "
                           "contrast and downscale are")
+    if config.model.center_crop_fraction != 1.0:
+        raise ConfigError("model.center_crop_fraction: not supported for segmentation "
+                          "(served masks cover the whole image)")
     if seg.output not in ("softmax", "sigmoid"):
         raise ConfigError(f"segmentation.output: expected softmax or sigmoid, got {seg.output!r}")
     if seg.output == "sigmoid" and len(seg.class_values) != 2:
