@@ -36,6 +36,8 @@ def test_unknown_settings_are_named():
     ("training.fine_tune.backbone=some", "is not one of"),
     ("training.batch_size=lots", "expected int"),
     ("evaluation.split=train", "expected eval or test"),
+    ("model.center_crop_fraction=0", r"is not in \(0, 1\]"),
+    ("model.center_crop_fraction=1.2", r"is not in \(0, 1\]"),
 ])
 def test_invalid_values_fail_before_anything_runs(override, message):
     with pytest.raises(configs.ConfigError, match=message):
@@ -51,3 +53,10 @@ def test_shipped_configs_load():
     for name in os.listdir(os.path.join(REPO, "configs")):
         cfg = configs.load_config(os.path.join(REPO, "configs", name))
         assert cfg.data.source and cfg.data.prepared_dir
+
+
+def test_segmentation_refuses_a_center_crop():
+    # Served masks must cover the whole image the client sent.
+    with pytest.raises(configs.ConfigError, match="center_crop_fraction: not supported for segmentation"):
+        configs.load_config(None, ["task=segmentation", "model.image_size=64",
+                                   "model.center_crop_fraction=0.875"])

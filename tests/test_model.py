@@ -109,3 +109,23 @@ def test_contrast_setting_puts_the_layer_in_the_model(contrast):
     cfg = configs.ModelConfig(backbone="mobilenet_v2", alpha=0.35, weights="none", image_size=32,
                               contrast=contrast)
     assert model_lib.create_model(cfg, 3).get_layer(contrast)
+
+
+def test_center_crop_applies_only_at_inference():
+    import numpy as np
+
+    # A 32 px image: a 2 px black frame around white; 0.875 keeps the central 28 px.
+    image = np.zeros((1, 32, 32, 3), "float32")
+    image[:, 2:30, 2:30] = 255.0
+    layer = model_lib.InferenceCenterCrop(0.875)
+    np.testing.assert_array_equal(layer(image, training=False).numpy(), np.full_like(image, 255.0))
+    np.testing.assert_array_equal(layer(image, training=True).numpy(), image)
+
+
+def test_center_crop_setting_puts_the_layer_in_the_model():
+    cfg = configs.ModelConfig(backbone="mobilenet_v2", alpha=0.35, weights="none", image_size=32,
+                              center_crop_fraction=0.875)
+    assert model_lib.create_model(cfg, 3).get_layer("center_crop").fraction == 0.875
+    plain = model_lib.create_model(configs.ModelConfig(backbone="mobilenet_v2", alpha=0.35,
+                                                       weights="none", image_size=32), 3)
+    assert "center_crop" not in [layer.name for layer in plain.layers]
