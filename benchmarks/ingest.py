@@ -4,7 +4,10 @@ For each dataset (flowers: 3,452 JPEGs kept as they are; GTSRB: 1,720 train +
 2,000 test PPMs converted to PNG) runs ``prepare_dataset`` into a temporary
 folder with ``data.workers=1`` (encodes in this process) and ``workers=2``
 (a process pool: forked, as ``visiontune prepare`` does when TensorFlow is not
-loaded), alternating 1,2,2,1,... after one untimed warm-up of each.  Wall time
+loaded), alternating 1,2,2,1,... after one untimed warm-up of each.  Each
+timed sample repeats the call back to back until it lasts ``--min-seconds``
+(3 s; from 2026-11-25 21:30 on, single runs before), so that one scheduler
+hiccup in a 0.4 s run cannot swing the ratio.  Wall time
 is the whole ``prepare_dataset`` call: listing, pool start-up, encoding,
 writing the shards.  The pool's start-up is also timed alone (start 2 workers
 with the same start method, run an empty task on each) to show how much of
@@ -20,6 +23,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -69,16 +73,19 @@ def data_configs():
     return {"flowers": flowers, "gtsrb": gtsrb}
 
 
-def one_run(data, workers: int, tmp: str):
+def one_run(data, workers: int, tmp: str, runs: int = 1):
+    """Images written and wall seconds of ``runs`` back-to-back ``prepare_dataset`` calls."""
     from components import prepare
 
     out = os.path.join(tmp, f"prepared-{workers}")
     cfg = dataclasses.replace(data, workers=workers, prepared_dir=out)
-    start = time.perf_counter()
-    result = prepare.prepare_dataset(cfg, progress=False)
-    wall = time.perf_counter() - start
-    images = sum(sum(c.values()) for c in result.counts.values())
-    shutil.rmtree(out)
+    images, wall = 0, 0.0
+    for _ in range(runs):
+        start = time.perf_counter()
+        result = prepare.prepare_dataset(cfg, progress=False)
+        wall += time.perf_counter() - start
+        images += sum(sum(c.values()) for c in result.counts.values())
+        shutil.rmtree(out)
     return images, wall
 
 
@@ -86,6 +93,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per worker count")
     parser.add_argument("--datasets", default="flowers,gtsrb")
+    parser.add_argument("--min-seconds", type=float, default=3.0,
+                        help="each timed sample repeats prepare until it lasts about this long: "
+                             "a single 0.4 s run is at the mercy of the scheduler")
     parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
     args = parser.parse_args(argv)
     common.require(common.FLOWERS)
@@ -96,14 +106,15 @@ def main(argv=None) -> int:
         for name in args.datasets.split(","):
             data = configs_by_name[name]
             for w in (1, 2):  # warm-up: page cache, lazy imports
-                one_run(data, w, tmp)
+                _, warm_wall = one_run(data, w, tmp)
+            runs = max(1, math.ceil(args.min_seconds / warm_wall))
             rates = {1: [], 2: []}
             loads = []
             images = 0
             for r in range(args.repeats):
                 order = (1, 2) if r % 2 == 0 else (2, 1)
                 for w in order:
-                    images, wall = one_run(data, w, tmp)
+                    images, wall = one_run(data, w, tmp, runs)
                     rates[w].append(images / wall)
                 loads.append(os.getloadavg()[0])
                 print(f"{name} repeat {r}: 1w {rates[1][-1]:.0f} img/s, 2w {rates[2][-1]:.0f} img/s, "
@@ -114,7 +125,8 @@ def main(argv=None) -> int:
             method = prepare._start_method()
             one, two = common.median(rates[1]), common.median(rates[2])
             scaling = two / one
-            report[name] = {"images": images, "img_per_s_1": rates[1], "img_per_s_2": rates[2],
+            images //= runs
+            report[name] = {"images": images, "runs_per_sample": runs, "img_per_s_1": rates[1], "img_per_s_2": rates[2],
                             "scaling": scaling, "pool_startup_s": startup, "load": loads}
             rows.append(f"| {common.today()} | `{common.command()}` | MACHINE | {name} ({images}) | "
                         f"{common.load()} | {one:.0f} | {two:.0f} | {scaling:.2f}x | {startup:.2f} ({method}) | "
