@@ -50,7 +50,7 @@ import struct
 import sys
 import tempfile
 import warnings
-from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from components import masks
 
@@ -729,7 +729,6 @@ def encode_mask_file(path: str, height: int, width: int, max_file_bytes: int, ma
     return masks.encode_mask(values), values
 
 
-# One item's outcome: (serialised Example or None, reject reason or None, labels it counts for).
 # What a worker sends back for one chunk: the chunk's framed TFRecord bytes per
 # (split, shard), and per item (reject reason or None, labels it counts for).
 _ChunkResult = Tuple[Dict[Tuple[str, int], bytes], List[Tuple[Optional[str], List[str]]]]
@@ -932,7 +931,7 @@ def _write_shards(out_dir: str, items: Sequence[_Item], splits: Sequence[str],
                     else None)
     tasks = _chunks(items, chunk, data, shard_counts, class_values)
     rejects: List[Tuple[str, str]] = []
-    files = {}
+    files: Dict[Tuple[str, int], Any] = {}
     try:
         for split in splits:
             os.makedirs(os.path.join(out_dir, split))
