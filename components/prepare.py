@@ -470,13 +470,19 @@ def _list_csv_source(source: str, labels_csv: str, data: "DataConfig"
     rejects: List[Tuple[str, str]] = []
     seen: Dict[str, Tuple[str, str]] = {}  # real path -> (csv, label) of its first row
     paths = _PathResolver(source)
+    index = _FolderIndex(paths)
     for csv_path in csv_paths:
         for filename, label, line in _read_label_rows(csv_path, data):
             where = f"{csv_path} line {line}"
             if not filename:
                 rejects.append((csv_path, f"{where}: empty {data.filename_column}"))
                 continue
-            path = _resolve_listed_file(filename, csv_path, source)
+            if _is_plain_name(filename):
+                found_at = index.find(filename, (os.path.dirname(csv_path), source))
+                path, key, relpath = found_at if found_at else (None, "", "")
+            else:
+                path = _resolve_listed_file(filename, csv_path, source)
+                key, relpath = (paths.real(path), paths.rel(path)) if path else ("", "")
             if path is None:
                 rejects.append((os.path.join(os.path.dirname(csv_path), filename),
                                 f"file listed in {where} not found (looked next to the CSV "
@@ -485,7 +491,6 @@ def _list_csv_source(source: str, labels_csv: str, data: "DataConfig"
             if not label or "\n" in label or "\r" in label:
                 rejects.append((path, f"{where}: label {label!r} is empty or not a single line"))
                 continue
-            key = paths.real(path)
             if key in seen:
                 first_csv, first_label = seen[key]
                 rejects.append((path, f"listed again in {where} (first listed in {first_csv}"
@@ -493,7 +498,7 @@ def _list_csv_source(source: str, labels_csv: str, data: "DataConfig"
                                          else ")")))
                 continue
             seen[key] = (csv_path, label)
-            found.append((path, paths.rel(path), label))
+            found.append((path, relpath, label))
     return found, rejects
 
 
@@ -514,6 +519,51 @@ def _read_label_rows(csv_path: str, data: "DataConfig") -> Iterator[Tuple[str, s
                 continue  # blank line
             cells = row + [""] * (max(fi, li) + 1 - len(row))
             yield cells[fi].strip(), cells[li].strip(), reader.line_num
+
+
+class _FolderIndex:
+    """One ``scandir`` per folder: which names are files, which are links, and their paths.
+
+    A CSV lists thousands of plain file names in a handful of folders.  Joining,
+    normalising, ``stat``-ing and resolving each one separately made listing
+    (the serial part of ingest) 0.064 s of a 0.57 s 2-worker GTSRB run; looked
+    up per folder, a listed name costs a set lookup and two string joins.
+    Gives what ``_resolve_listed_file``, ``os.path.realpath`` and
+    ``_PathResolver.rel`` give for the same file.
+    """
+
+    def __init__(self, paths: "_PathResolver"):
+        self._paths = paths
+        self._folders: Dict[str, Tuple[frozenset, frozenset, str, str]] = {}
+
+    def _folder(self, folder: str) -> Tuple[frozenset, frozenset, str, str]:
+        if folder not in self._folders:
+            try:
+                with os.scandir(folder) as entries:
+                    listed = [(e.name, e.is_file(), e.is_symlink()) for e in entries]
+            except OSError:
+                listed = []
+            files = frozenset(name for name, is_file, _ in listed if is_file)
+            links = frozenset(name for name, _, is_link in listed if is_link)
+            rel = self._paths.rel(os.path.join(folder, "x"))[:-1]  # "" or "a/b/"
+            self._folders[folder] = (files, links, os.path.realpath(folder), rel)
+        return self._folders[folder]
+
+    def find(self, name: str, bases: Sequence[str]) -> Optional[Tuple[str, str, str]]:
+        """(path, real path, relpath) of plain file ``name`` in the first base that has it."""
+        for base in bases:
+            folder = os.path.normpath(base)
+            files, links, real_folder, rel = self._folder(folder)
+            if name in files:
+                path = name if folder == "." else os.path.join(folder, name)
+                real = os.path.realpath(path) if name in links else os.path.join(real_folder, name)
+                return path, real, rel + name
+        return None
+
+
+def _is_plain_name(filename: str) -> bool:
+    return (os.sep not in filename and "/" not in filename and filename not in (".", "..")
+            and not (os.altsep and os.altsep in filename))
 
 
 def _resolve_listed_file(filename: str, csv_path: str, source: str) -> Optional[str]:

@@ -255,6 +255,26 @@ def test_csv_labels_with_custom_columns(tmp_path, delimiter):
     assert "not found" in rejects["gone.ppm"] and "GT-00007.csv line 4" in rejects["gone.ppm"]
 
 
+def test_csv_listing_resolves_links_duplicates_and_non_files(tmp_path):
+    """A file listed twice (once through a link) is written once; broken links and folders are not found."""
+    src = tmp_path / "src"
+    _save(src / "a.png", _rgb(), "PNG")
+    _save(src / "sub" / "b.png", _rgb(5, 5), "PNG")
+    os.symlink(src / "a.png", src / "alias.png")
+    os.symlink(src / "missing.png", src / "broken.png")
+    os.makedirs(src / "folder.png")
+    (src / "labels.csv").write_text("Filename;ClassId\na.png;1\nalias.png;2\nbroken.png;1\n"
+                                    "folder.png;1\nsub/b.png;1\n./sub/../a.png;1\n")
+    out = tmp_path / "out"
+    result = prepare_dataset(_config(src, labels_csv="labels.csv"), str(out), progress=False)
+    assert result.counts["train"] == {"1": 2}
+    assert sorted(_by_name(_records(out, "train"))) == ["a.png", "sub/b.png"]
+    rejects = _rejects_csv(out)
+    assert "listed again in" in rejects["alias.png"] and "with label '1'" in rejects["alias.png"]
+    assert "listed again in" in rejects["a.png"]  # ./sub/../a.png, the same file again
+    assert "not found" in rejects["broken.png"] and "not found" in rejects["folder.png"]
+
+
 def test_csv_missing_column_names_the_columns_it_has(tmp_path):
     src = tmp_path / "src"
     _save(src / "a.png", _rgb(), "PNG")
