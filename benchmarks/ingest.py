@@ -74,19 +74,18 @@ def data_configs():
 
 
 def one_run(data, workers: int, tmp: str, runs: int = 1):
-    """Images written and wall seconds of ``runs`` back-to-back ``prepare_dataset`` calls."""
+    """Images written per call and mean wall seconds of ``runs`` back-to-back ``prepare_dataset`` calls."""
     from components import prepare
 
     out = os.path.join(tmp, f"prepared-{workers}")
     cfg = dataclasses.replace(data, workers=workers, prepared_dir=out)
-    images, wall = 0, 0.0
+    wall = 0.0
     for _ in range(runs):
         start = time.perf_counter()
         result = prepare.prepare_dataset(cfg, progress=False)
         wall += time.perf_counter() - start
-        images += sum(sum(c.values()) for c in result.counts.values())
         shutil.rmtree(out)
-    return images, wall
+    return sum(sum(c.values()) for c in result.counts.values()), wall / runs
 
 
 def main(argv=None) -> int:
@@ -125,7 +124,6 @@ def main(argv=None) -> int:
             method = prepare._start_method()
             one, two = common.median(rates[1]), common.median(rates[2])
             scaling = two / one
-            images //= runs
             report[name] = {"images": images, "runs_per_sample": runs, "img_per_s_1": rates[1], "img_per_s_2": rates[2],
                             "scaling": scaling, "pool_startup_s": startup, "load": loads}
             rows.append(f"| {common.today()} | `{common.command()}` | MACHINE | {name} ({images}) | "

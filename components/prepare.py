@@ -408,34 +408,61 @@ def _list_tree_source(source: str) -> Tuple[List[Tuple[str, str, str]], List[Tup
 
 
 class _PathResolver:
-    """``realpath`` and ``relpath`` of listed files, each folder's part computed once.
+    """Paths of listed files, with each folder's part (real path, relative path,
+    directory listing) computed once.
 
-    Listing is the serial part of ingest (the encoding runs in the worker
-    pool); resolving every file's full path from the root again made it a
-    third of a 2-worker GTSRB run.  Same results as ``os.path.realpath`` and
-    ``os.path.relpath`` (a linked file is still resolved on its own).
+    Listing is the serial part of ingest (the encoding runs in the worker pool).
+    Resolving, normalising and ``stat``-ing every listed file from the root made
+    it a third of a 2-worker GTSRB run; per folder, a listed name costs a set
+    lookup and two joins.  Same results as ``os.path.normpath``,
+    ``os.path.isfile``, ``os.path.realpath`` and ``os.path.relpath`` per file
+    (a linked file is still resolved on its own).
     """
 
     def __init__(self, source: str):
         self._source = source
-        self._real: Dict[str, str] = {}
-        self._rel: Dict[str, str] = {}
+        self._rel: Dict[str, str] = {}  # folder -> "" or "a/b/"
+        self._listing: Dict[str, Tuple[frozenset, frozenset, str]] = {}  # files, links, real path
 
-    def real(self, path: str) -> str:
-        if os.path.islink(path):
-            return os.path.realpath(path)
-        folder, name = os.path.split(path)
-        if folder not in self._real:
-            self._real[folder] = os.path.realpath(folder)
-        return os.path.join(self._real[folder], name)
+    def _rel_prefix(self, folder: str) -> str:
+        if folder not in self._rel:
+            rel = os.path.relpath(folder or ".", self._source).replace(os.sep, "/")
+            self._rel[folder] = "" if rel == "." else rel + "/"
+        return self._rel[folder]
 
     def rel(self, path: str) -> str:
         """The posix path relative to the source (what is hashed and stored as ``filename``)."""
         folder, name = os.path.split(os.path.normpath(path))
-        if folder not in self._rel:
-            self._rel[folder] = os.path.relpath(folder, self._source).replace(os.sep, "/")
-        prefix = self._rel[folder]
-        return name if prefix == "." else f"{prefix}/{name}"
+        return self._rel_prefix(folder) + name
+
+    def _listed(self, folder: str) -> Tuple[frozenset, frozenset, str]:
+        if folder not in self._listing:
+            try:
+                with os.scandir(folder or ".") as entries:
+                    listed = [(e.name, e.is_file(), e.is_symlink()) for e in entries]
+            except OSError:
+                listed = []
+            self._listing[folder] = (frozenset(n for n, is_file, _ in listed if is_file),
+                                     frozenset(n for n, _, is_link in listed if is_link),
+                                     os.path.realpath(folder or "."))
+        return self._listing[folder]
+
+    def find(self, filename: str, bases: Sequence[str]) -> Optional[Tuple[str, str, str]]:
+        """(path, real path, relpath) of ``filename`` in the first of ``bases`` holding it as a file."""
+        plain = os.sep not in filename and not (os.altsep and os.altsep in filename) \
+            and "/" not in filename and filename not in (".", "..")
+        for base in bases:
+            if plain:  # the common case: no need to normalise the joined path
+                folder, name = os.path.normpath(base), filename
+                folder = "" if folder == "." else folder
+            else:
+                folder, name = os.path.split(os.path.normpath(os.path.join(base, filename)))
+            files, links, real_folder = self._listed(folder)
+            if name in files:
+                path = os.path.join(folder, name)
+                real = os.path.realpath(path) if name in links else os.path.join(real_folder, name)
+                return path, real, self._rel_prefix(folder) + name
+        return None
 
 
 def _is_skipped_file(name: str) -> bool:
@@ -470,24 +497,20 @@ def _list_csv_source(source: str, labels_csv: str, data: "DataConfig"
     rejects: List[Tuple[str, str]] = []
     seen: Dict[str, Tuple[str, str]] = {}  # real path -> (csv, label) of its first row
     paths = _PathResolver(source)
-    index = _FolderIndex(paths)
     for csv_path in csv_paths:
         for filename, label, line in _read_label_rows(csv_path, data):
             where = f"{csv_path} line {line}"
             if not filename:
                 rejects.append((csv_path, f"{where}: empty {data.filename_column}"))
                 continue
-            if _is_plain_name(filename):
-                found_at = index.find(filename, (os.path.dirname(csv_path), source))
-                path, key, relpath = found_at if found_at else (None, "", "")
-            else:
-                path = _resolve_listed_file(filename, csv_path, source)
-                key, relpath = (paths.real(path), paths.rel(path)) if path else ("", "")
-            if path is None:
+            # Next to the CSV first (GTSRB train), else under ``source``.
+            found_at = paths.find(filename, (os.path.dirname(csv_path), source))
+            if found_at is None:
                 rejects.append((os.path.join(os.path.dirname(csv_path), filename),
                                 f"file listed in {where} not found (looked next to the CSV "
                                 f"and in {source})"))
                 continue
+            path, key, relpath = found_at
             if not label or "\n" in label or "\r" in label:
                 rejects.append((path, f"{where}: label {label!r} is empty or not a single line"))
                 continue
@@ -519,60 +542,6 @@ def _read_label_rows(csv_path: str, data: "DataConfig") -> Iterator[Tuple[str, s
                 continue  # blank line
             cells = row + [""] * (max(fi, li) + 1 - len(row))
             yield cells[fi].strip(), cells[li].strip(), reader.line_num
-
-
-class _FolderIndex:
-    """One ``scandir`` per folder: which names are files, which are links, and their paths.
-
-    A CSV lists thousands of plain file names in a handful of folders.  Joining,
-    normalising, ``stat``-ing and resolving each one separately made listing
-    (the serial part of ingest) 0.064 s of a 0.57 s 2-worker GTSRB run; looked
-    up per folder, a listed name costs a set lookup and two string joins.
-    Gives what ``_resolve_listed_file``, ``os.path.realpath`` and
-    ``_PathResolver.rel`` give for the same file.
-    """
-
-    def __init__(self, paths: "_PathResolver"):
-        self._paths = paths
-        self._folders: Dict[str, Tuple[frozenset, frozenset, str, str]] = {}
-
-    def _folder(self, folder: str) -> Tuple[frozenset, frozenset, str, str]:
-        if folder not in self._folders:
-            try:
-                with os.scandir(folder) as entries:
-                    listed = [(e.name, e.is_file(), e.is_symlink()) for e in entries]
-            except OSError:
-                listed = []
-            files = frozenset(name for name, is_file, _ in listed if is_file)
-            links = frozenset(name for name, _, is_link in listed if is_link)
-            rel = self._paths.rel(os.path.join(folder, "x"))[:-1]  # "" or "a/b/"
-            self._folders[folder] = (files, links, os.path.realpath(folder), rel)
-        return self._folders[folder]
-
-    def find(self, name: str, bases: Sequence[str]) -> Optional[Tuple[str, str, str]]:
-        """(path, real path, relpath) of plain file ``name`` in the first base that has it."""
-        for base in bases:
-            folder = os.path.normpath(base)
-            files, links, real_folder, rel = self._folder(folder)
-            if name in files:
-                path = name if folder == "." else os.path.join(folder, name)
-                real = os.path.realpath(path) if name in links else os.path.join(real_folder, name)
-                return path, real, rel + name
-        return None
-
-
-def _is_plain_name(filename: str) -> bool:
-    return (os.sep not in filename and "/" not in filename and filename not in (".", "..")
-            and not (os.altsep and os.altsep in filename))
-
-
-def _resolve_listed_file(filename: str, csv_path: str, source: str) -> Optional[str]:
-    """A CSV's filename, next to the CSV first (GTSRB train), else under ``source``."""
-    for base in (os.path.dirname(csv_path), source):
-        path = os.path.normpath(os.path.join(base, filename))
-        if os.path.isfile(path):
-            return path
-    return None
 
 
 def _choose_classes(data: "DataConfig", items: Sequence[_Item]) -> List[str]:
