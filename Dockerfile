@@ -1,8 +1,8 @@
 # The one image every step of the Vertex AI pipeline runs in: the pipeline's
 # components (KubeflowV2DagRunner), the Trainer's Vertex AI Training job, and
 # the Dataflow workers of ExampleGen, StatisticsGen, Transform and Evaluator
-# (--sdk_container_image).  Module code (components.trainer.run_fn,
-# components.transform.preprocessing_fn, components.pusher.Executor) is
+# (--sdk_container_image).  Module code (visiontune.components.trainer.run_fn,
+# visiontune.components.transform.preprocessing_fn, visiontune.components.pusher.Executor) is
 # installed here, so compiling the pipeline uploads nothing.
 #
 #   docker build -t REGION-docker.pkg.dev/PROJECT/visiontune/visiontune:0.1.0 .
@@ -25,7 +25,7 @@ COPY serving serving
 COPY configs configs
 # Not editable (-e): the package must not depend on this folder's layout.
 RUN pip install --no-cache-dir -c constraints.txt . \
-    && cd / && python -c "import components.trainer, components.transform, components.pusher, pipeline.pipeline"
+    && cd / && python -c "import visiontune.components.trainer, visiontune.components.transform, visiontune.components.pusher, visiontune.pipeline.pipeline"
 
 COPY --from=beam /opt/apache/beam /opt/apache/beam
 # Pipeline steps and the training job set their own command; Dataflow runs the

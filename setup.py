@@ -1,6 +1,6 @@
 """visiontune: fine-tune ImageNet-pretrained Keras backbones with TFX and serve them."""
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 setup(
     name="visiontune",
@@ -10,9 +10,16 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9,<3.11",
-    packages=find_packages(include=["visiontune", "visiontune.*", "pipeline", "pipeline.*",
-                                    "components", "components.*", "serving", "serving.*"]),
-    package_data={"visiontune": ["configs/*.yaml"]},
+    # The repository keeps the design's top-level folders; they install as
+    # subpackages of the one ``visiontune`` namespace (no generic top-level
+    # ``pipeline`` or ``serving`` in site-packages).
+    package_dir={"visiontune": "visiontune", "visiontune.cli": "visiontune/cli",
+                 "visiontune.pipeline": "pipeline", "visiontune.components": "components",
+                 "visiontune.serving": "serving"},
+    packages=["visiontune", "visiontune.cli", "visiontune.pipeline", "visiontune.components",
+              "visiontune.serving"],
+    # The run and comparison reports' Jinja2 templates.
+    package_data={"visiontune.pipeline": ["templates/*.html"]},
     install_requires=[
         # The TFX 1.16 stack; exact versions of everything are pinned in constraints.txt.
         "tfx[kfp]==1.16.0",
@@ -30,6 +37,7 @@ setup(
         "google-crc32c",  # TFRecord checksums when ingest writes shards without TensorFlow
         "scikit-learn",  # the demo's bundled digits
         "matplotlib",  # the run report's figures (Agg backend)
+        "jinja2",  # the run report's HTML (autoescaped templates)
     ],
     extras_require={"test": ["pytest", "scikit-learn"]},
     entry_points={"console_scripts": ["visiontune=visiontune.cli:main"]},

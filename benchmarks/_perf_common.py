@@ -16,7 +16,8 @@ from typing import Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from pipeline import machine as machine_lib  # noqa: E402
+from visiontune.pipeline import machine as machine_lib  # noqa: E402
+
 SHARED = os.environ.get("VISIONTUNE_SHARED") or os.path.join(os.path.dirname(REPO), "shared")
 FLOWERS = os.path.join(SHARED, "datasets", "flowers")
 GTSRB = os.path.join(SHARED, "datasets", "gtsrb")
@@ -89,7 +90,8 @@ def run_pipeline(config_path: str, overrides: Sequence[str]):
     """Runs ``visiontune run`` in process: (config, summary, wall seconds, "Component Ns, ..." text)."""
     import time
 
-    from pipeline import configs, local_runner, results
+    from visiontune import configs
+    from visiontune.pipeline import local_runner, results
 
     config = configs.load_config(config_path, overrides)
     start = time.time()

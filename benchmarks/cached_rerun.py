@@ -24,7 +24,6 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 import _perf_common as common  # noqa: E402
-from components import keras_env  # noqa: E402,F401
 
 TITLE = "Whole pipeline: per component, and a fully cached re-run"
 INTRO = """
@@ -49,7 +48,7 @@ def timed(cmd) -> float:
 
 
 def newest_run(config):
-    from pipeline import local_runner, results
+    from visiontune.pipeline import local_runner, results
 
     return results.component_timings(local_runner.metadata_path(config))
 
@@ -62,7 +61,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
-    from pipeline import configs
+    from visiontune import configs
 
     config = configs.load_config(args.config, args.overrides)
     run = [VISIONTUNE, "run", "--config", args.config] + [a for o in args.overrides for a in ("--set", o)]
@@ -78,7 +77,7 @@ def main(argv=None) -> int:
         if not_cached:
             raise SystemExit(f"not a cached re-run: {', '.join(not_cached)} ran again")
         component_sums.append(sum(t["seconds"] for t in timings))
-    imports = common.median([timed([sys.executable, "-c", "from components import keras_env; "
+    imports = common.median([timed([sys.executable, "-c", "import visiontune; "
                                     "import tfx.v1, tensorflow, tensorflow_model_analysis"])
                              for _ in range(args.repeats)])
     wall, components = common.median(walls), common.median(component_sums)

@@ -21,7 +21,6 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from components import keras_env  # noqa: E402,F401
 import _perf_common as common  # noqa: E402
 
 MARKER = "<!-- cdnet_quality rows -->"
@@ -33,7 +32,7 @@ def client_scores(model_dir: str, test_source: str, seg) -> dict:
     import tensorflow as tf
     from PIL import Image
 
-    from components import masks
+    from visiontune.components import masks
 
     predict = tf.saved_model.load(model_dir).signatures["serving_default"]
     lookup = np.array(masks.lookup_table(seg.class_values, -1), dtype=np.int64)

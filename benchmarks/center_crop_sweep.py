@@ -21,7 +21,6 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
-from components import keras_env  # noqa: E402,F401
 import _perf_common as common  # noqa: E402
 
 MARKER = "<!-- center_crop_sweep rows -->"
@@ -39,7 +38,7 @@ def sweep(config, model_dir: str, split: str, fractions):
     """Accuracy at each fraction over ``split``'s transformed examples; and the example count."""
     import numpy as np
 
-    from components import model as model_lib, prepare, trainer
+    from visiontune.components import model as model_lib, prepare, trainer
 
     classes = prepare.read_classes(config.data.prepared_dir)
     size = config.model.image_size
@@ -71,7 +70,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
-    from pipeline import configs, local_runner, results
+    from visiontune import configs
+    from visiontune.pipeline import local_runner, results
 
     config = configs.load_config(args.config, args.overrides)
     model_dir = args.model_dir or results.summarize_run(local_runner.metadata_path(config)).model_dir

@@ -34,10 +34,11 @@ import sys
 import tempfile
 import time
 
+from visiontune import features
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 import _perf_common as common  # noqa: E402
-from components import keras_env  # noqa: E402,F401
 
 TITLE = "Evaluator: TFMA vs model.evaluate"
 INTRO = """
@@ -64,7 +65,7 @@ def newest_evaluation(metadata: str):
     """(seconds, {input key: uri}, transformed examples uri) of the newest complete Evaluator run."""
     from ml_metadata.proto import metadata_store_pb2
 
-    from pipeline import results
+    from visiontune.pipeline import results
 
     store = results._store(metadata)
     names = {t.id: t.name.rsplit(".", 1)[-1] for t in store.get_execution_types()}
@@ -106,8 +107,9 @@ def main(argv=None) -> int:
     import tensorflow_model_analysis as tfma
     import tf_keras
 
-    from components import evaluation, signatures, trainer, transform
-    from pipeline import configs, local_runner
+    from visiontune import configs
+    from visiontune.components import evaluation, signatures, trainer, transform
+    from visiontune.pipeline import local_runner
 
     component_s, uris, transformed_uri = newest_evaluation(args.metadata)
     model_dir = os.path.join(uris["model"], "Format-Serving")
@@ -198,15 +200,15 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         model = keras_model()
         loaded = tf.saved_model.load(model_dir)
-        transform_fn = loaded.signatures[signatures.TRANSFORM_FEATURES]
+        transform_fn = loaded.signatures[features.TRANSFORM_FEATURES]
         arg = list(transform_fn.structured_input_signature[1])[0]
 
         def to_pixels(serialized):
             # Labels through the exported Transform graph; pixels decoded and
             # resized by the Transform's own function.
-            label = tf.reshape(transform_fn(**{arg: serialized})[transform.LABEL_ID_KEY], [-1])
-            raw = tf.io.parse_example(serialized, {transform.IMAGE_KEY: tf.io.FixedLenFeature([1], tf.string)})
-            pixels = tf.map_fn(lambda b: transform.decode_and_resize(b[0], size), raw[transform.IMAGE_KEY],
+            label = tf.reshape(transform_fn(**{arg: serialized})[features.LABEL_ID_KEY], [-1])
+            raw = tf.io.parse_example(serialized, {features.IMAGE_KEY: tf.io.FixedLenFeature([1], tf.string)})
+            pixels = tf.map_fn(lambda b: transform.decode_and_resize(b[0], size), raw[features.IMAGE_KEY],
                                fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
             return pixels, tf.one_hot(label, num_classes)
 

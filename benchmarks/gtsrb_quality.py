@@ -19,7 +19,6 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from components import keras_env  # noqa: E402,F401
 import _perf_common as common  # noqa: E402
 
 MARKER = "<!-- gtsrb_quality rows -->"
@@ -29,7 +28,7 @@ def client_accuracy(model_dir: str, images_dir: str, labels_csv: str, batch: int
     import numpy as np
     import tensorflow as tf
 
-    from serving.images import encode_for_serving
+    from visiontune.serving.images import encode_for_serving
 
     model = tf.saved_model.load(model_dir)
     predict = model.signatures["serving_default"]

@@ -34,7 +34,6 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 import _perf_common as common  # noqa: E402
-from components import keras_env  # noqa: E402,F401
 
 TITLE = "Ingest: visiontune prepare, 1 vs 2 workers"
 INTRO = """
@@ -56,7 +55,7 @@ def _noop(_):
 
 
 def pool_startup_seconds() -> float:
-    from components import prepare
+    from visiontune.components import prepare
 
     start = time.perf_counter()
     ctx = multiprocessing.get_context(prepare._start_method())
@@ -66,7 +65,7 @@ def pool_startup_seconds() -> float:
 
 
 def data_configs():
-    from pipeline import configs
+    from visiontune import configs
 
     gtsrb = configs.load_config(os.path.join(common.REPO, "configs", "gtsrb.yaml")).data
     flowers = configs.DataConfig(source=common.FLOWERS, eval_fraction=0.3, num_shards=4)
@@ -75,7 +74,7 @@ def data_configs():
 
 def one_run(data, workers: int, tmp: str, runs: int = 1):
     """Images written per call and mean wall seconds of ``runs`` back-to-back ``prepare_dataset`` calls."""
-    from components import prepare
+    from visiontune.components import prepare
 
     out = os.path.join(tmp, f"prepared-{workers}")
     cfg = dataclasses.replace(data, workers=workers, prepared_dir=out)
@@ -118,7 +117,7 @@ def main(argv=None) -> int:
                 loads.append(os.getloadavg()[0])
                 print(f"{name} repeat {r}: 1w {rates[1][-1]:.0f} img/s, 2w {rates[2][-1]:.0f} img/s, "
                       f"load {loads[-1]:.1f}", flush=True)
-            from components import prepare
+            from visiontune.components import prepare
 
             startup = common.median([pool_startup_seconds() for _ in range(3)])
             method = prepare._start_method()

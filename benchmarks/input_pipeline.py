@@ -36,7 +36,6 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 import _perf_common as common  # noqa: E402
-from components import keras_env  # noqa: E402,F401
 
 TITLE = "Input pipeline: Trainer tf.data vs image_dataset_from_directory"
 INTRO = """
@@ -57,8 +56,8 @@ HEADER = ("| date | command | machine | load 1/5 min | pipeline img/s epoch 1 / 
 
 def transformed_flowers(size: int, work_dir: str) -> str:
     """Folder of ``{train,eval}-*.gz`` transformed flowers at ``size`` (built once)."""
-    from components import prepare
-    from pipeline import configs
+    from visiontune import configs
+    from visiontune.components import prepare
 
     root = os.path.join(work_dir, f"flowers-{size}")
     done = os.path.join(root, "transformed", "DONE")
@@ -94,8 +93,8 @@ def model_rate(size: int, batch: int, steps: int, backbone: str) -> float:
     import tensorflow as tf
     import tf_keras
 
-    from components import model as model_lib
-    from pipeline import configs
+    from visiontune import configs
+    from visiontune.components import model as model_lib
 
     cfg = configs.load_config(os.path.join(common.REPO, "configs", "gtsrb.yaml"),
                               [f"model.image_size={size}", f"model.weights={common.MOBILENET_V2_035}"])
@@ -125,7 +124,7 @@ def main(argv=None) -> int:
     common.require(common.MOBILENET_V2_035)
     import tf_keras
 
-    from components import trainer
+    from visiontune.components import trainer
 
     transformed = transformed_flowers(args.size, args.work_dir)
     files = sorted(glob.glob(os.path.join(transformed, "*.gz")))

@@ -30,7 +30,6 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from components import keras_env  # noqa: E402,F401
 import _perf_common as common  # noqa: E402
 
 MARKER = "<!-- serving_latency rows -->"
@@ -105,7 +104,7 @@ def main(argv=None) -> int:
     import numpy as np
     import tensorflow as tf
 
-    from serving.client import GrpcClient, RestClient
+    from visiontune.serving.client import GrpcClient, RestClient
 
     base = os.path.abspath(args.model_base_path)
     versions = [v for v in os.listdir(base) if v.isdigit()]

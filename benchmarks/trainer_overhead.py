@@ -34,7 +34,6 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 import _perf_common as common  # noqa: E402
-from components import keras_env  # noqa: E402,F401
 
 TITLE = "Trainer overhead: fit_phases vs plain model.fit"
 INTRO = """
@@ -72,10 +71,10 @@ def main(argv=None) -> int:
     common.require(common.MOBILENET_V2_035)
 
     import tf_keras
-
-    from components import model as model_lib, strategy as strategy_lib, trainer
     from input_pipeline import transformed_flowers
-    from pipeline import configs
+
+    from visiontune import configs
+    from visiontune.components import model as model_lib, strategy as strategy_lib, trainer
 
     transformed = transformed_flowers(args.size, args.work_dir)
     train_files = sorted(glob.glob(os.path.join(transformed, "train*.gz")))
@@ -204,9 +203,8 @@ CALLBACK_HEADER = ("| date | command | machine | load 1/5 min | none s/fit | Epo
 
 
 def per_callback(args, config, train_cfg, phase, num_classes, strategy, new_model, train_ds, eval_ds):
-    import tf_keras
 
-    from components import model as model_lib, trainer
+    from visiontune.components import model as model_lib, trainer
 
     model = new_model()
     top_k = max(1, min(config.evaluation.top_k, num_classes))

@@ -14,7 +14,6 @@ import dataclasses
 import os
 from typing import Callable, Dict, Optional
 
-from components import keras_env  # noqa: F401  (selects tf_keras before TF loads)
 import tf_keras
 from tf_keras import applications as apps
 

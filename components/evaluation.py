@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import json
 
-from components import keras_env  # noqa: F401
 import tensorflow_model_analysis as tfma
 
-from components import signatures, transform
-from pipeline import configs
+from visiontune import configs, features
 
 ACCURACY = "sparse_categorical_accuracy"
 TOP_K_ACCURACY = "top_k_accuracy"
@@ -36,12 +34,12 @@ def create_eval_config(evaluation: configs.EvaluationConfig, num_classes: int) -
     per_class = {"top_k": 1}
     return tfma.EvalConfig(
         model_specs=[tfma.ModelSpec(
-            signature_name=signatures.SERVING_EXAMPLES,
+            signature_name=features.SERVING_EXAMPLES,
             # A plain SavedModel to TFMA: otherwise it loads the model once just to
             # detect that it is Keras, then again as Keras (half the Evaluator's time).
             model_type=tfma.constants.TF_GENERIC,
-            preprocessing_function_names=[signatures.TRANSFORM_FEATURES],
-            label_key=transform.LABEL_ID_KEY,
+            preprocessing_function_names=[features.TRANSFORM_FEATURES],
+            label_key=features.LABEL_ID_KEY,
             prediction_key="probabilities")],
         slicing_specs=overall,
         metrics_specs=[
@@ -65,7 +63,7 @@ def create_eval_config(evaluation: configs.EvaluationConfig, num_classes: int) -
 
 PIXEL_ACCURACY = "pixel_accuracy"
 MEAN_IOU = "mean_iou"
-SEGMENTATION_METRICS_MODULE = "components.segmentation_metrics"
+SEGMENTATION_METRICS_MODULE = "visiontune.components.segmentation_metrics"
 
 
 def create_segmentation_eval_config(evaluation: configs.EvaluationConfig,
@@ -79,9 +77,9 @@ def create_segmentation_eval_config(evaluation: configs.EvaluationConfig,
     """
     overall = [tfma.SlicingSpec()]
     args = json.dumps({"class_ids": list(range(num_classes)),
-                       "ground_truth_key": transform.MASK_IDS_KEY,
+                       "ground_truth_key": features.MASK_IDS_KEY,
                        "prediction_key": "class_ids",
-                       "ignore_ground_truth_id": transform.VOID_ID})
+                       "ignore_ground_truth_id": features.VOID_ID})
     blessing = tfma.MetricThreshold(
         value_threshold=tfma.GenericValueThreshold(lower_bound={"value": evaluation.min_accuracy}),
         change_threshold=tfma.GenericChangeThreshold(
@@ -93,9 +91,9 @@ def create_segmentation_eval_config(evaluation: configs.EvaluationConfig,
 
     return tfma.EvalConfig(
         model_specs=[tfma.ModelSpec(
-            signature_name=signatures.SERVING_EXAMPLES,
+            signature_name=features.SERVING_EXAMPLES,
             model_type=tfma.constants.TF_GENERIC,
-            preprocessing_function_names=[signatures.TRANSFORM_FEATURES])],
+            preprocessing_function_names=[features.TRANSFORM_FEATURES])],
         slicing_specs=overall,
         metrics_specs=[tfma.MetricsSpec(metrics=[
             tfma.MetricConfig(class_name="ExampleCount"),

@@ -22,8 +22,6 @@ import os
 import re
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-MASK_KEY = "mask"
-
 
 class MaskRejected(Exception):
     """The image/mask pair cannot go into the dataset; the message is the reason."""

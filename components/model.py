@@ -18,13 +18,12 @@ from __future__ import annotations
 import re
 from typing import List, Sequence
 
-from components import keras_env  # noqa: F401
 import tensorflow as tf
 import tf_keras
 from tf_keras.src.engine import base_layer
 
-from components import backbones
-from pipeline import configs
+from visiontune import configs
+from visiontune.components import backbones
 
 BACKBONE_LAYER_NAME = "backbone"
 OUTPUT_LAYER_NAME = "probabilities"

@@ -52,23 +52,14 @@ import tempfile
 import warnings
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from components import masks
+from visiontune import features
+from visiontune.components import masks
+from visiontune.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover - only for type checkers
-    from pipeline.configs import DataConfig, SegmentationConfig
-
-# Feature names of every Example; the Transform and the tests depend on them.
-IMAGE_KEY = "image"
-IMAGE_FORMAT_KEY = "image_format"
-FILENAME_KEY = "filename"
-HEIGHT_KEY = "height"
-WIDTH_KEY = "width"
-LABEL_KEY = "label"
+    from visiontune.configs import DataConfig, SegmentationConfig
 
 TRAIN, EVAL, TEST = "train", "eval", "test"
-CLASSES_FILE = "classes.txt"
-REJECTS_FILE = "rejects.csv"
-SUMMARY_FILE = "summary.json"
 SHARD_PREFIX = "images"
 
 # Items per task sent to a worker: big enough to amortise pickling, small
@@ -83,7 +74,7 @@ _ROTATED = range(2, 9)
 _SUMMARY_REJECTS_SHOWN = 5
 
 
-class PrepareError(ValueError):
+class PrepareError(UserError, ValueError):
     """The data source or settings cannot be turned into a dataset at all.
 
     Problems with single files are not errors: they become rows of
@@ -125,7 +116,7 @@ class PrepareResult:
             lines.append(f"WARNING: {len(empty)} class(es) have no training images: "
                          + ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else ""))
         lines.append(f"Rejected files: {len(self.rejects)}"
-                     + (f" (see {os.path.join(self.output_dir, REJECTS_FILE)})" if self.rejects else ""))
+                     + (f" (see {os.path.join(self.output_dir, features.REJECTS_FILE)})" if self.rejects else ""))
         for path, reason in self.rejects[:_SUMMARY_REJECTS_SHOWN]:
             lines.append(f"  {path}: {reason}")
         if len(self.rejects) > _SUMMARY_REJECTS_SHOWN:
@@ -199,7 +190,7 @@ def prepare_dataset(data: "DataConfig", output_dir: Optional[str] = None,
 
 def read_classes(prepared_dir: str) -> List[str]:
     """The class order every later step must use: label index i is line i."""
-    path = os.path.join(prepared_dir, CLASSES_FILE)
+    path = os.path.join(prepared_dir, features.CLASSES_FILE)
     try:
         with open(path, encoding="utf-8") as f:
             return [line.rstrip("\r\n") for line in f if line.rstrip("\r\n")]
@@ -226,7 +217,7 @@ def is_prepared(prepared_dir: str, data: Optional["DataConfig"] = None,
     With ``data``, also whether it was prepared with these settings: a changed
     ``eval_fraction`` or source must not silently reuse the old split.
     """
-    path = os.path.join(prepared_dir, SUMMARY_FILE)
+    path = os.path.join(prepared_dir, features.SUMMARY_FILE)
     if not os.path.isfile(path):
         return False
     if data is None:
@@ -237,10 +228,10 @@ def is_prepared(prepared_dir: str, data: Optional["DataConfig"] = None,
 
 def load_result(prepared_dir: str) -> PrepareResult:
     """The ``PrepareResult`` of an earlier ``prepare_dataset`` into ``prepared_dir``."""
-    with open(os.path.join(prepared_dir, SUMMARY_FILE), encoding="utf-8") as f:
+    with open(os.path.join(prepared_dir, features.SUMMARY_FILE), encoding="utf-8") as f:
         summary = json.load(f)
     rejects: List[Tuple[str, str]] = []
-    rejects_path = os.path.join(prepared_dir, REJECTS_FILE)
+    rejects_path = os.path.join(prepared_dir, features.REJECTS_FILE)
     if os.path.exists(rejects_path):
         with open(rejects_path, encoding="utf-8", newline="") as f:
             rejects = [(row["file"], row["reason"]) for row in csv.DictReader(f)]
@@ -300,7 +291,7 @@ def shard_index(relpath: str, num_shards: int) -> int:
 
 def segmentation_classes(data: "DataConfig", segmentation: "SegmentationConfig") -> List[str]:
     """Class names of a segmentation dataset: ``data.classes``, else background/foreground."""
-    from pipeline.configs import SEGMENTATION_CLASSES
+    from visiontune.configs import SEGMENTATION_CLASSES
     count = len(segmentation.class_values)
     if data.classes:
         if len(data.classes) != count:
@@ -586,9 +577,9 @@ def _check_output_dir(output_dir: str, data: "DataConfig") -> None:
             raise PrepareError(f"{output_dir}: output folder is inside the class folder tree "
                                f"{source}; the next run would read it as images")
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not (
-            os.path.exists(os.path.join(output_dir, SUMMARY_FILE))
-            or os.path.exists(os.path.join(output_dir, CLASSES_FILE))):
-        raise PrepareError(f"{output_dir}: exists and is not a prepared dataset (no {SUMMARY_FILE}); "
+            os.path.exists(os.path.join(output_dir, features.SUMMARY_FILE))
+            or os.path.exists(os.path.join(output_dir, features.CLASSES_FILE))):
+        raise PrepareError(f"{output_dir}: exists and is not a prepared dataset (no {features.SUMMARY_FILE}); "
                            "refusing to replace it")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise PrepareError(f"{output_dir}: exists and is not a folder")
@@ -830,19 +821,19 @@ def serialize_example(image: bytes, image_format: str, filename: str, height: in
     Map entries are written in sorted key order, as protobuf's deterministic
     mode does, so the bytes match TensorFlow's own serialisation (tested).
     """
-    features = {
-        FILENAME_KEY: _bytes_feature(filename.encode("utf-8")),
-        HEIGHT_KEY: _int64_feature(height),
-        IMAGE_KEY: _bytes_feature(image),
-        IMAGE_FORMAT_KEY: _bytes_feature(image_format.encode("ascii")),
-        WIDTH_KEY: _int64_feature(width),
+    fields = {
+        features.FILENAME_KEY: _bytes_feature(filename.encode("utf-8")),
+        features.HEIGHT_KEY: _int64_feature(height),
+        features.IMAGE_KEY: _bytes_feature(image),
+        features.IMAGE_FORMAT_KEY: _bytes_feature(image_format.encode("ascii")),
+        features.WIDTH_KEY: _int64_feature(width),
     }
     if label is not None:
-        features[LABEL_KEY] = _bytes_feature(label.encode("utf-8"))
+        fields[features.LABEL_KEY] = _bytes_feature(label.encode("utf-8"))
     if mask is not None:
-        features[masks.MASK_KEY] = _bytes_feature(mask)
+        fields[features.MASK_KEY] = _bytes_feature(mask)
     entries = b"".join(_field(1, _field(1, key.encode("utf-8")) + _field(2, value))
-                       for key, value in sorted(features.items()))
+                       for key, value in sorted(fields.items()))
     return _field(1, entries)  # Example.features { feature: map entries }
 
 
@@ -986,9 +977,9 @@ def _write_shards(out_dir: str, items: Sequence[_Item], splits: Sequence[str],
 def _write_metadata(out_dir: str, classes: Sequence[str], counts: Dict[str, Dict[str, int]],
                     rejects: Sequence[Tuple[str, str]], settings: str,
                     totals: Dict[str, int], task: str) -> None:
-    with open(os.path.join(out_dir, CLASSES_FILE), "w", encoding="utf-8", newline="\n") as f:
+    with open(os.path.join(out_dir, features.CLASSES_FILE), "w", encoding="utf-8", newline="\n") as f:
         f.writelines(f"{c}\n" for c in classes)
-    with open(os.path.join(out_dir, REJECTS_FILE), "w", encoding="utf-8", newline="") as f:
+    with open(os.path.join(out_dir, features.REJECTS_FILE), "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["file", "reason"])
         writer.writerows(rejects)
@@ -1000,7 +991,7 @@ def _write_metadata(out_dir: str, classes: Sequence[str], counts: Dict[str, Dict
         "settings": settings,
         "task": task,
     }
-    with open(os.path.join(out_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
+    with open(os.path.join(out_dir, features.SUMMARY_FILE), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2, ensure_ascii=False)
         f.write("\n")
 

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
-from components import keras_env  # noqa: F401
-from tensorflow_model_analysis.metrics import metric_types, metric_util
-from tensorflow_model_analysis.metrics import semantic_segmentation_confusion_matrix_metrics as ss
+from tensorflow_model_analysis.metrics import (
+    metric_types,
+    metric_util,
+    semantic_segmentation_confusion_matrix_metrics as ss,
+)
 
 Matrix = ss.Matrix
 

@@ -24,12 +24,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, List
 
-from components import keras_env  # noqa: F401
 import tensorflow as tf
 import tf_keras
 
-from components import backbones, model as model_lib
-from pipeline import configs
+from visiontune import configs
+from visiontune.components import backbones, model as model_lib
 
 ENCODER_STRIDE = 32
 # The decoder's BatchNorm starts from nothing and sees a few hundred steps (25

@@ -21,7 +21,7 @@ signatures with:
 * ``class_ids``: ``[batch, s, s]`` arg-max class per pixel (what TFMA scores).
 
 and ``transform_features`` gives the ground-truth ``mask_ids`` (void =
-``transform.VOID_ID``).
+``features.VOID_ID``).
 """
 
 from __future__ import annotations
@@ -30,21 +30,12 @@ import json
 import os
 from typing import Callable, Dict, Sequence
 
-from components import keras_env  # noqa: F401
 import tensorflow as tf
 import tensorflow_transform as tft
 import tf_keras
 
-from components import segmentation_model, transform
-
-SERVING_DEFAULT = "serving_default"
-SERVING_EXAMPLES = "serving_examples"
-TRANSFORM_FEATURES = "transform_features"
-IMAGE_BYTES_INPUT = "image_bytes"
-EXAMPLES_INPUT = "examples"
-# Files TF Serving ignores but clients and reports read.
-METADATA_DIR = "assets.extra"
-METADATA_FILE = "visiontune.json"
+from visiontune import features
+from visiontune.components import segmentation_model, transform
 
 
 def _outputs(probabilities: tf.Tensor, classes: tf.Tensor) -> Dict[str, tf.Tensor]:
@@ -67,26 +58,26 @@ def _signatures(model: tf_keras.Model, tf_transform_output: tft.TFTransformOutpu
     # Tracked on the model so the Transform graph and its assets are saved with it.
     model.tft_layer = tf_transform_output.transform_features_layer()
     raw_spec = tf_transform_output.raw_feature_spec()
-    serving_spec = {k: v for k, v in raw_spec.items() if k == transform.IMAGE_KEY}
+    serving_spec = {k: v for k, v in raw_spec.items() if k == features.IMAGE_KEY}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGE_BYTES_INPUT)])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=features.IMAGE_BYTES_INPUT)])
     def serve_image_bytes(image_bytes):
         # The raw schema's image is a [batch, 1] column, as ExampleGen parses it.
-        raw = {transform.IMAGE_KEY: tf.reshape(image_bytes, [-1, 1])}
+        raw = {features.IMAGE_KEY: tf.reshape(image_bytes, [-1, 1])}
         return predict_transformed(model.tft_layer(raw))
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=features.EXAMPLES_INPUT)])
     def serve_examples(examples):
         return predict_transformed(model.tft_layer(tf.io.parse_example(examples, serving_spec)))
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=features.EXAMPLES_INPUT)])
     def transform_features(examples):
         return labels(model.tft_layer(tf.io.parse_example(examples, raw_spec)))
 
     return {
-        SERVING_DEFAULT: serve_image_bytes.get_concrete_function(),
-        SERVING_EXAMPLES: serve_examples.get_concrete_function(),
-        TRANSFORM_FEATURES: transform_features.get_concrete_function(),
+        features.SERVING_DEFAULT: serve_image_bytes.get_concrete_function(),
+        features.SERVING_EXAMPLES: serve_examples.get_concrete_function(),
+        features.TRANSFORM_FEATURES: transform_features.get_concrete_function(),
     }
 
 
@@ -95,11 +86,11 @@ def make_signatures(model: tf_keras.Model, tf_transform_output: tft.TFTransformO
     class_names = tf.constant(list(classes), tf.string)
 
     def predict_transformed(transformed):
-        pixels = transform.decode_pixels(transformed[transform.PIXELS_KEY], image_size)
+        pixels = transform.decode_pixels(transformed[features.PIXELS_KEY], image_size)
         return _outputs(model(pixels, training=False), class_names)
 
     return _signatures(model, tf_transform_output, predict_transformed,
-                       lambda transformed: {transform.LABEL_ID_KEY: transformed[transform.LABEL_ID_KEY]})
+                       lambda transformed: {features.LABEL_ID_KEY: transformed[features.LABEL_ID_KEY]})
 
 
 def _segmentation_outputs(probabilities: tf.Tensor, heights: tf.Tensor, widths: tf.Tensor,
@@ -127,12 +118,12 @@ def make_segmentation_signatures(model: tf_keras.Model, tf_transform_output: tft
     values = tf.constant(list(mask_values), tf.uint8)
 
     def predict_transformed(transformed):
-        pixels = transform.decode_pixels(transformed[transform.PIXELS_KEY], image_size)
-        return _segmentation_outputs(model(pixels, training=False), transformed[transform.HEIGHT_KEY],
-                                     transformed[transform.WIDTH_KEY], values, foreground_class)
+        pixels = transform.decode_pixels(transformed[features.PIXELS_KEY], image_size)
+        return _segmentation_outputs(model(pixels, training=False), transformed[features.IMAGE_HEIGHT_KEY],
+                                     transformed[features.IMAGE_WIDTH_KEY], values, foreground_class)
 
     def labels(transformed):
-        return {transform.MASK_IDS_KEY: transform.decode_mask_ids(transformed[transform.MASK_IDS_KEY],
+        return {features.MASK_IDS_KEY: transform.decode_mask_ids(transformed[features.MASK_IDS_KEY],
                                                                    image_size)}
 
     return _signatures(model, tf_transform_output, predict_transformed, labels)
@@ -152,15 +143,15 @@ def export_saved_model(model: tf_keras.Model, tf_transform_output: tft.TFTransfo
     else:
         signatures = make_signatures(model, tf_transform_output, classes, image_size)
     model.save(export_dir, save_format="tf", signatures=signatures, include_optimizer=False)
-    extra = os.path.join(export_dir, METADATA_DIR)
+    extra = os.path.join(export_dir, features.METADATA_DIR)
     tf.io.gfile.makedirs(extra)
     with tf.io.gfile.GFile(os.path.join(extra, "classes.txt"), "w") as f:
         f.write("".join(f"{c}\n" for c in classes))
-    with tf.io.gfile.GFile(os.path.join(extra, METADATA_FILE), "w") as f:
+    with tf.io.gfile.GFile(os.path.join(extra, features.MODEL_METADATA_FILE), "w") as f:
         json.dump({**metadata, "classes": list(classes), "image_size": image_size,
                    "signatures": sorted(signatures)}, f, indent=2)
 
 
 def read_metadata(saved_model_dir: str) -> Dict:
-    with tf.io.gfile.GFile(os.path.join(saved_model_dir, METADATA_DIR, METADATA_FILE)) as f:
+    with tf.io.gfile.GFile(os.path.join(saved_model_dir, features.METADATA_DIR, features.MODEL_METADATA_FILE)) as f:
         return json.load(f)

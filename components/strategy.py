@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from typing import Tuple
 
-from components import keras_env  # noqa: F401
 import tensorflow as tf
 import tf_keras
 

@@ -18,16 +18,20 @@ import os
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from components import keras_env  # noqa: F401
 import tensorflow as tf
 import tensorflow_transform as tft
 import tf_keras
 
-from components import backbones, model as model_lib, signatures, strategy as strategy_lib, transform
-from components import segmentation_model
-from pipeline import configs
+from visiontune import configs, features
+from visiontune.components import (
+    backbones,
+    model as model_lib,
+    segmentation_model,
+    signatures,
+    strategy as strategy_lib,
+    transform,
+)
 
-HISTORY_FILE = "history.json"
 AUTOTUNE = tf.data.AUTOTUNE
 
 
@@ -75,13 +79,13 @@ def create_dataset(file_patterns: Sequence[str], image_size: int, batch_size: in
     """``(pixels uint8 [b,s,s,3], label)`` batches from transformed TFRecords,
     prefetched so the model never waits on input."""
     files = _list_files(file_patterns)
-    spec = {transform.PIXELS_KEY: tf.io.FixedLenFeature([], tf.string),
-            transform.LABEL_ID_KEY: tf.io.FixedLenFeature([], tf.int64)}
+    spec = {features.PIXELS_KEY: tf.io.FixedLenFeature([], tf.string),
+            features.LABEL_ID_KEY: tf.io.FixedLenFeature([], tf.int64)}
 
     def parse(record):
-        features = tf.io.parse_single_example(record, spec)
-        pixels = transform.decode_pixels_one(features[transform.PIXELS_KEY], image_size)
-        label = features[transform.LABEL_ID_KEY]
+        parsed = tf.io.parse_single_example(record, spec)
+        pixels = transform.decode_pixels_one(parsed[features.PIXELS_KEY], image_size)
+        label = parsed[features.LABEL_ID_KEY]
         if one_hot:
             label = tf.one_hot(label, num_classes)
         return pixels, label
@@ -102,13 +106,13 @@ def create_segmentation_dataset(file_patterns: Sequence[str], image_size: int, b
     mask together, after the cache, so every epoch sees new ones.
     """
     files = _list_files(file_patterns)
-    spec = {transform.PIXELS_KEY: tf.io.FixedLenFeature([], tf.string),
-            transform.MASK_IDS_KEY: tf.io.FixedLenFeature([], tf.string)}
+    spec = {features.PIXELS_KEY: tf.io.FixedLenFeature([], tf.string),
+            features.MASK_IDS_KEY: tf.io.FixedLenFeature([], tf.string)}
 
     def parse(record):
-        features = tf.io.parse_single_example(record, spec)
-        pixels = transform.decode_pixels_one(features[transform.PIXELS_KEY], image_size)
-        mask = transform.decode_mask_ids_one(features[transform.MASK_IDS_KEY], image_size)
+        parsed = tf.io.parse_single_example(record, spec)
+        pixels = transform.decode_pixels_one(parsed[features.PIXELS_KEY], image_size)
+        mask = transform.decode_mask_ids_one(parsed[features.MASK_IDS_KEY], image_size)
         return pixels, mask
 
     def flip(pixels, mask):
@@ -120,7 +124,7 @@ def create_segmentation_dataset(file_patterns: Sequence[str], image_size: int, b
         return stacked[..., :3], stacked[..., 3]
 
     def to_targets(pixels, mask):
-        void = tf.equal(mask, transform.VOID_ID)
+        void = tf.equal(mask, features.VOID_ID)
         weights = tf.cast(tf.logical_not(void), tf.float32)
         labels = tf.where(void, tf.zeros_like(mask), mask)
         labels = tf.cast(labels, tf.float32)[..., None] if sigmoid else tf.cast(labels, tf.int32)
@@ -335,7 +339,7 @@ def run_fn(fn_args) -> None:
         "precision": precision, "devices": [d.name for d in tf.config.list_logical_devices()],
         "train_seconds": train_seconds, "epochs_run": len(history),
     }
-    with tf.io.gfile.GFile(os.path.join(fn_args.model_run_dir, HISTORY_FILE), "w") as f:
+    with tf.io.gfile.GFile(os.path.join(fn_args.model_run_dir, features.HISTORY_FILE), "w") as f:
         json.dump({"history": history, **metadata}, f, indent=2)
     if segmentation is not None:
         metadata["task"] = "segmentation"

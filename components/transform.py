@@ -10,7 +10,7 @@ Pixels are stored as serialized uint8 tensors, not float32: a 128x128 image is
 For ``task: segmentation`` the mask is resized with the image (nearest
 neighbour: interpolating between class values would invent classes) and its
 values are mapped to class ids through a 256-entry table; void pixels become
-``VOID_ID``, which the loss and every metric skip.  The transformed features
+``features.VOID_ID``, which the loss and every metric skip.  The transformed features
 also carry the original height and width, so serving can return a mask of the
 size the client sent.
 
@@ -24,22 +24,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, Sequence
 
-from components import keras_env  # noqa: F401
 import tensorflow as tf
 
-# Feature names of the raw examples written by ``visiontune prepare``.
-IMAGE_KEY = "image"
-LABEL_KEY = "label"
-# Feature names of the transformed examples.
-PIXELS_KEY = "pixels"
-LABEL_ID_KEY = "label_id"
-# Segmentation: raw mask PNG; transformed class-id mask and the original size.
-MASK_KEY = "mask"
-MASK_IDS_KEY = "mask_ids"
-HEIGHT_KEY = "image_height"
-WIDTH_KEY = "image_width"
-# Class id of void pixels in transformed masks.
-VOID_ID = 255
+from visiontune import features
 
 
 def decode_and_resize(encoded: tf.Tensor, size: int) -> tf.Tensor:
@@ -62,7 +49,7 @@ def decode_resize_and_size(encoded: tf.Tensor, size: int):
 
 
 def decode_mask(encoded: tf.Tensor, size: int, lookup: tf.Tensor) -> tf.Tensor:
-    """One mask PNG -> ``[size, size]`` uint8 class ids (``VOID_ID`` for void).
+    """One mask PNG -> ``[size, size]`` uint8 class ids (``features.VOID_ID`` for void).
 
     An empty string (the absent mask of a serving request, which TFT feeds as
     "") gives an all-void mask instead of a decode error.
@@ -73,7 +60,7 @@ def decode_mask(encoded: tf.Tensor, size: int, lookup: tf.Tensor) -> tf.Tensor:
         return tf.gather(lookup, tf.cast(values[..., 0], tf.int32))
 
     return tf.cond(tf.strings.length(encoded) > 0, decode,
-                   lambda: tf.fill([size, size], tf.constant(VOID_ID, tf.uint8)))
+                   lambda: tf.fill([size, size], tf.constant(features.VOID_ID, tf.uint8)))
 
 
 def encode_pixels(images: tf.Tensor) -> tf.Tensor:
@@ -130,28 +117,28 @@ def preprocessing_fn(inputs: Dict[str, Any], custom_config: Dict[str, Any]) -> D
     size = int(custom_config["image_size"])
     if custom_config.get("task") == "segmentation":
         return _segmentation_features(inputs, size, custom_config["mask_lookup"])
-    images = tf.map_fn(lambda b: decode_and_resize(b, size), _dense_column(inputs[IMAGE_KEY]),
+    images = tf.map_fn(lambda b: decode_and_resize(b, size), _dense_column(inputs[features.IMAGE_KEY]),
                        fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
-    outputs = {PIXELS_KEY: encode_pixels(images)}
-    if LABEL_KEY in inputs:
+    outputs = {features.PIXELS_KEY: encode_pixels(images)}
+    if features.LABEL_KEY in inputs:
         # Unknown labels map to -1, which the Trainer's loss rejects by name of
         # the range.  No assert here: at serving time TFT feeds the absent label
         # as "" and an assert would fail every prediction.
-        labels = _dense_column(inputs[LABEL_KEY])
-        outputs[LABEL_ID_KEY] = label_lookup_table(custom_config["classes"]).lookup(labels)
+        labels = _dense_column(inputs[features.LABEL_KEY])
+        outputs[features.LABEL_ID_KEY] = label_lookup_table(custom_config["classes"]).lookup(labels)
     return outputs
 
 
 def _segmentation_features(inputs: Dict[str, Any], size: int, mask_lookup: Sequence[int]
                            ) -> Dict[str, tf.Tensor]:
-    """``custom_config["mask_lookup"]``: 256 class ids, mask value -> class (``VOID_ID``: void)."""
+    """``custom_config["mask_lookup"]``: 256 class ids, mask value -> class (``features.VOID_ID``: void)."""
     images, shapes = tf.map_fn(
-        lambda b: decode_resize_and_size(b, size), _dense_column(inputs[IMAGE_KEY]),
+        lambda b: decode_resize_and_size(b, size), _dense_column(inputs[features.IMAGE_KEY]),
         fn_output_signature=(tf.TensorSpec([size, size, 3], tf.uint8), tf.TensorSpec([2], tf.int64)))
-    outputs = {PIXELS_KEY: encode_pixels(images), HEIGHT_KEY: shapes[:, 0], WIDTH_KEY: shapes[:, 1]}
-    if MASK_KEY in inputs:
+    outputs = {features.PIXELS_KEY: encode_pixels(images), features.IMAGE_HEIGHT_KEY: shapes[:, 0], features.IMAGE_WIDTH_KEY: shapes[:, 1]}
+    if features.MASK_KEY in inputs:
         lookup = tf.constant(list(mask_lookup), tf.uint8)
-        masks = tf.map_fn(lambda b: decode_mask(b, size, lookup), _dense_column(inputs[MASK_KEY]),
+        masks = tf.map_fn(lambda b: decode_mask(b, size, lookup), _dense_column(inputs[features.MASK_KEY]),
                           fn_output_signature=tf.TensorSpec([size, size], tf.uint8))
-        outputs[MASK_IDS_KEY] = tf.map_fn(tf.io.serialize_tensor, masks, fn_output_signature=tf.string)
+        outputs[features.MASK_IDS_KEY] = tf.map_fn(tf.io.serialize_tensor, masks, fn_output_signature=tf.string)
     return outputs

@@ -1,3 +1,2 @@
 """Pipeline definition, settings and runners."""
 
-from components import keras_env  # noqa: F401

@@ -47,8 +47,9 @@ import statistics
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from components import keras_env  # noqa: F401
-from pipeline import machine
+from visiontune import features
+from visiontune.errors import UserError
+from visiontune.pipeline import machine
 
 logger = logging.getLogger("visiontune.compare")
 
@@ -65,7 +66,7 @@ COMPONENTS = ("ImportExampleGen", "StatisticsGen", "SchemaGen", "ExampleValidato
 NO_IMAGENET = "no ImageNet weights reachable"
 
 
-class CompareError(ValueError):
+class CompareError(UserError, ValueError):
     """A backbone list or setting the user can fix (printed as one line)."""
 
 
@@ -196,7 +197,7 @@ def probe_weights(model_cfg) -> Tuple[str, str, bool]:
     """
     import tf_keras
 
-    from components import backbones
+    from visiontune.components import backbones
 
     weights = model_cfg.weights or "none"
     if weights.lower() == "none":
@@ -225,7 +226,7 @@ def default_output_dir(config) -> str:
 
 
 def _label(spec: BackboneSpec, config) -> str:
-    from components import backbones
+    from visiontune.components import backbones
 
     if spec.label:
         return spec.label
@@ -245,8 +246,8 @@ def plan_comparison(config_path: Optional[str], specs: Sequence[BackboneSpec],
     ``model.weights`` when the spec names the config's own backbone at the
     config's alpha; otherwise alpha 1.0 and ``imagenet``.
     """
-    from components import backbones
-    from pipeline import configs
+    from visiontune import configs
+    from visiontune.components import backbones
 
     base = configs.load_config(config_path, overrides)
     if base.task != "classification":
@@ -296,7 +297,7 @@ def plan_comparison(config_path: Optional[str], specs: Sequence[BackboneSpec],
 # --------------------------------------------------------------------------- reading a run back
 
 def _pipeline_runs(metadata_path: str) -> Dict[int, Any]:
-    from pipeline import results
+    from visiontune.pipeline import results
 
     if not os.path.exists(metadata_path):
         return {}
@@ -311,7 +312,7 @@ def read_backbone_run(metadata_path: str, context_id: int, classes: Sequence[str
     """
     from ml_metadata.proto import metadata_store_pb2
 
-    from pipeline import report, results
+    from visiontune.pipeline import report, results
 
     store = results._store(metadata_path)
     names = {t.id: t.name.rsplit(".", 1)[-1] for t in store.get_execution_types()}
@@ -420,7 +421,7 @@ def sample_image(examples_uri: str, split: str) -> bytes:
 
     import tensorflow as tf
 
-    from pipeline import report
+    from visiontune.pipeline import report
 
     files = sorted(glob.glob(os.path.join(examples_uri, f"Split-{split}", "*")))
     for record in report.iter_examples(files, limit=1):
@@ -436,7 +437,6 @@ def measure_latency(rows: List[Dict[str, Any]], split: str, runs: int = DEFAULT_
     """
     import tensorflow as tf
 
-    from components import signatures
 
     if runs <= 0:
         return
@@ -446,7 +446,7 @@ def measure_latency(rows: List[Dict[str, Any]], split: str, runs: int = DEFAULT_
             continue
         try:
             image = tf.constant([sample_image(row["examples_uri"], split)])
-            fn = tf.saved_model.load(row["model_dir"]).signatures[signatures.SERVING_DEFAULT]
+            fn = tf.saved_model.load(row["model_dir"]).signatures[features.SERVING_DEFAULT]
             for _ in range(LATENCY_WARMUP):
                 fn(image_bytes=image)["probabilities"].numpy()
             live.append((row, fn, image, []))
@@ -471,7 +471,7 @@ def run_backbone(plan: Plan) -> Dict[str, Any]:
     """Runs the pipeline for one backbone; its row (``error`` set when the run failed)."""
     from tfx import v1 as tfx
 
-    from pipeline import local_runner
+    from visiontune.pipeline import local_runner
 
     config = plan.config
     row: Dict[str, Any] = {
@@ -514,7 +514,7 @@ def run_comparison(config_path: Optional[str], backbones: Sequence[Any],
                    overrides: Sequence[str] = (), output_dir: str = "",
                    latency_runs: int = DEFAULT_LATENCY_RUNS, command: str = "") -> Dict[str, Any]:
     """Trains and evaluates every backbone, measures latency, writes the three files; returns the data."""
-    from pipeline import configs
+    from visiontune import configs
 
     specs = [b if isinstance(b, BackboneSpec) else parse_spec(b) for b in backbones]
     if not specs:
@@ -565,7 +565,7 @@ def _fmt(v, pattern: str) -> str:
 
 def table_cells(row: Dict[str, Any]) -> List[str]:
     """The main table's cells of a row, as plain text (Markdown and HTML alike)."""
-    from pipeline import report
+    from visiontune.pipeline import report
 
     if row.get("error") and row.get("accuracy") is None:
         return [row["label"], row["weights"], _fmt_int(row.get("image_size"))] + \
@@ -640,7 +640,7 @@ def render_markdown(data: Dict[str, Any]) -> str:
 
 
 def plot_accuracy_latency(rows: Sequence[Dict[str, Any]]) -> Optional[bytes]:
-    from pipeline import report
+    from visiontune.pipeline import report
 
     points = [(r["latency_ms"], r["accuracy"], r["label"]) for r in rows
               if r.get("latency_ms") is not None and r.get("accuracy") is not None]
@@ -667,7 +667,7 @@ table.runs td{overflow-wrap:anywhere}
 
 
 def render_html(data: Dict[str, Any], figures: Optional[Dict[str, bytes]] = None) -> str:
-    from pipeline import report
+    from visiontune.pipeline import report
 
     e, table = report._e, report._table
     figures = figures or {}

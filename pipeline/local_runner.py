@@ -13,14 +13,11 @@ import logging
 import os
 from typing import List, Optional
 
-from components import keras_env  # noqa: F401
 from tfx import v1 as tfx
 
-from components import prepare as prepare_lib
-from pipeline import configs, pipeline as pipeline_lib, results
-
-METADATA_FILE = "metadata.sqlite"
-SUMMARY_FILE = "run_summary.json"
+from visiontune import configs, features
+from visiontune.components import prepare as prepare_lib
+from visiontune.pipeline import pipeline as pipeline_lib, results
 
 
 def beam_args(workers: int) -> List[str]:
@@ -35,7 +32,7 @@ def beam_args(workers: int) -> List[str]:
 
 
 def metadata_path(config: configs.Config) -> str:
-    return os.path.join(os.path.abspath(config.pipeline.output_dir), METADATA_FILE)
+    return os.path.join(os.path.abspath(config.pipeline.output_dir), features.METADATA_DB_FILE)
 
 
 def ensure_prepared(config: configs.Config, force: bool = False) -> prepare_lib.PrepareResult:
@@ -73,7 +70,7 @@ def run(config: configs.Config, force_prepare: bool = False) -> results.RunSumma
     tfx.orchestration.LocalDagRunner().run(create_local_pipeline(config, prepared))
     summary = results.summarize_run(metadata_path(config))
     # The newest run's outcome, for people and for reports built later.
-    with open(os.path.join(config.pipeline.output_dir, SUMMARY_FILE), "w") as f:
+    with open(os.path.join(config.pipeline.output_dir, features.RUN_SUMMARY_FILE), "w") as f:
         json.dump(summary.to_json(), f, indent=2)
     write_report(config.pipeline.output_dir, summary.to_json())
     return summary
@@ -86,7 +83,7 @@ def write_report(output_dir: str, summary: Optional[dict] = None) -> Optional[st
     re-run where every component was cached) is kept rather than rebuilt: the
     rebuild re-runs the model over the evaluation split for its mistakes grid.
     """
-    from pipeline import report
+    from visiontune.pipeline import report
 
     log = logging.getLogger("visiontune.report")
     if summary is not None and report.is_current(output_dir, summary):

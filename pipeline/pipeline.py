@@ -16,17 +16,16 @@ import hashlib
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-from components import keras_env  # noqa: F401
 from tfx import v1 as tfx
 from tfx.dsl.components.base import executor_spec
 from tfx.proto import example_gen_pb2
 
-from components import backbones, evaluation, masks, pusher, transform as transform_lib
-from pipeline import configs
+from visiontune import configs, features
+from visiontune.components import backbones, evaluation, masks, pusher
 
 COMPONENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "components")
-TRANSFORM_FN = "components.transform.preprocessing_fn"
-TRAINER_FN = "components.trainer.run_fn"
+TRANSFORM_FN = "visiontune.components.transform.preprocessing_fn"
+TRAINER_FN = "visiontune.components.trainer.run_fn"
 SPLITS_TRAINING = ("train", "eval")
 
 
@@ -89,7 +88,7 @@ def create_pipeline(
                         "code_version": code_fingerprint("transform")}
     if segmentation is not None:
         transform_config.update(task="segmentation", mask_lookup=masks.lookup_table(
-            segmentation.class_values, transform_lib.VOID_ID))
+            segmentation.class_values, features.VOID_ID))
     transform = tfx.components.Transform(
         examples=example_gen.outputs["examples"],
         schema=schema_gen.outputs["schema"],

@@ -36,14 +36,14 @@ import logging
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from components import keras_env  # noqa: F401
+from visiontune import features
+from visiontune.errors import UserError
 
 logger = logging.getLogger("visiontune.report")
 
 REPORT_DIR = "report"
 INDEX_FILE = "index.html"
 DATA_FILE = "report.json"
-METADATA_FILE = "metadata.sqlite"
 
 SAMPLES_PER_CLASS = 4
 MAX_SAMPLE_CLASSES = 60
@@ -56,7 +56,7 @@ THUMBNAIL = 96
 OVERLAY_SIZE = 256
 
 
-class ReportError(FileNotFoundError):
+class ReportError(UserError, FileNotFoundError):
     """The given path holds no run to report on (the CLI prints it as one line)."""
 
 
@@ -65,14 +65,14 @@ class ReportError(FileNotFoundError):
 def resolve_output_dir(path: str) -> str:
     """A run's output dir from the dir itself, its ``metadata.sqlite``, or a YAML config."""
     if os.path.isfile(path) and path.endswith((".yaml", ".yml")):
-        from pipeline import configs
+        from visiontune import configs
 
         path = configs.load_config(path, []).pipeline.output_dir
-    if os.path.isfile(path) and os.path.basename(path) == METADATA_FILE:
+    if os.path.isfile(path) and os.path.basename(path) == features.METADATA_DB_FILE:
         path = os.path.dirname(path)
     path = os.path.abspath(path)
-    if not os.path.exists(os.path.join(path, METADATA_FILE)):
-        raise ReportError(f"{path}: no {METADATA_FILE}; pass a run's output dir "
+    if not os.path.exists(os.path.join(path, features.METADATA_DB_FILE)):
+        raise ReportError(f"{path}: no {features.METADATA_DB_FILE}; pass a run's output dir "
                           "(pipeline.output_dir), its metadata.sqlite, or the run's config file")
     return path
 
@@ -133,7 +133,7 @@ def find_artifacts(metadata_path: str, model_uri: str = "") -> RunArtifacts:
     """The evaluated split, the examples, the prepared dir and the Trainer's run dir."""
     from ml_metadata.proto import metadata_store_pb2
 
-    from pipeline import results
+    from visiontune.pipeline import results
 
     store = results._store(metadata_path)
     inputs = (metadata_store_pb2.Event.INPUT, metadata_store_pb2.Event.DECLARED_INPUT)
@@ -245,13 +245,12 @@ def find_mistakes(model_dir: str, examples_uri: str, split: str,
     """
     import tensorflow as tf
 
-    from components import signatures
 
     files = _split_files(examples_uri, split)
     if not files:
         raise FileNotFoundError(f"no examples in {examples_uri}/Split-{split}")
     model = tf.saved_model.load(model_dir)
-    predict = model.signatures[signatures.SERVING_EXAMPLES]
+    predict = model.signatures[features.SERVING_EXAMPLES]
     mistakes: List[Mistake] = []
     checked = 0
 
@@ -298,18 +297,18 @@ def segmentation_overlays(model_dir: str, examples_uri: str, split: str,
     import numpy as np
     import tensorflow as tf
 
-    from components import masks, signatures
+    from visiontune.components import masks
 
     files = _split_files(examples_uri, split)
     if not files:
         raise FileNotFoundError(f"no examples in {examples_uri}/Split-{split}")
     lookup = np.array(masks.lookup_table(class_values, -1), dtype=np.int64)
-    predict = tf.saved_model.load(model_dir).signatures[signatures.SERVING_EXAMPLES]
+    predict = tf.saved_model.load(model_dir).signatures[features.SERVING_EXAMPLES]
     found: List[Overlay] = []
     for record in iter_examples(files, limit=limit):
         example = tf.train.Example.FromString(record)
         out = predict(examples=tf.constant([record]))
-        truth = lookup[tf.io.decode_png(_feature(example, masks.MASK_KEY), channels=1).numpy()[..., 0]]
+        truth = lookup[tf.io.decode_png(_feature(example, features.MASK_KEY), channels=1).numpy()[..., 0]]
         predicted = lookup[tf.io.decode_png(out["mask_bytes"][0], channels=1).numpy()[..., 0]]
         valid = truth >= 0
         accuracy = float((predicted[valid] == truth[valid]).mean()) if valid.any() else float("nan")
@@ -530,10 +529,10 @@ def confused_pairs(matrix: Sequence[Sequence[int]], classes: Sequence[str], limi
 
 def gather(output_dir: str, max_eval_examples: int = MAX_EVAL_EXAMPLES) -> Dict[str, Any]:
     """Everything the report shows: ``{"data": numbers and text, "figures": {file name: PNG bytes}}``."""
-    from components import prepare
-    from pipeline import results
+    from visiontune.components import prepare
+    from visiontune.pipeline import results
 
-    metadata_path = os.path.join(output_dir, METADATA_FILE)
+    metadata_path = os.path.join(output_dir, features.METADATA_DB_FILE)
     summary = results.summarize_run(metadata_path)
     arts = find_artifacts(metadata_path, os.path.dirname(summary.model_dir) if summary.model_dir else "")
     data: Dict[str, Any] = {
@@ -560,10 +559,10 @@ def gather(output_dir: str, max_eval_examples: int = MAX_EVAL_EXAMPLES) -> Dict[
     classes = list(summary.classes or (meta or {}).get("classes", []))
     # ---- data
     prepared = None
-    if arts.prepared_dir and os.path.exists(os.path.join(arts.prepared_dir, prepare.SUMMARY_FILE)):
+    if arts.prepared_dir and os.path.exists(os.path.join(arts.prepared_dir, features.SUMMARY_FILE)):
         prepared = attempt("prepared dataset", lambda: prepare.load_result(arts.prepared_dir))
     elif arts.prepared_dir:
-        problems.append(f"prepared dataset: no {prepare.SUMMARY_FILE} in {arts.prepared_dir}")
+        problems.append(f"prepared dataset: no {features.SUMMARY_FILE} in {arts.prepared_dir}")
     classes = classes or (prepared.classes if prepared else [])
     data["classes"] = classes
     data["prepared_dir"] = arts.prepared_dir

@@ -12,7 +12,6 @@ import json
 import os
 from typing import Any, Dict, List, Optional
 
-from components import keras_env  # noqa: F401
 import ml_metadata as mlmd
 from ml_metadata.proto import metadata_store_pb2
 

@@ -25,18 +25,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import logging
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from pipeline import configs
+from visiontune import configs, features
+from visiontune.errors import UserError
 
 GCS_PREFIX = "gs://"
 PLACEHOLDER_MARKERS = ("YOUR_", "<", ">")
 SUBMIT_SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
 
 
-class VertexError(ValueError):
+class VertexError(UserError, ValueError):
     """A problem with the Vertex settings or the environment that the user can fix."""
 
 
@@ -257,7 +257,7 @@ def load_classes(config: configs.Config, classes_file: Optional[str] = None) -> 
     From ``classes_file``, else the local prepared dataset (``data.prepared_dir``,
     the folder uploaded to ``vertex.prepared_dir``), else ``data.classes``.
     """
-    from components import prepare
+    from visiontune.components import prepare
 
     prepared_dir = config.data.prepared_dir
     local_prepared = bool(prepared_dir) and "://" not in prepared_dir and prepare.is_prepared(prepared_dir)
@@ -280,7 +280,7 @@ def load_classes(config: configs.Config, classes_file: Optional[str] = None) -> 
     else:
         raise VertexError(
             "the class list is needed to compile: run `visiontune prepare` first (its "
-            f"{prepare.CLASSES_FILE} in data.prepared_dir is read), or pass --classes-file, "
+            f"{features.CLASSES_FILE} in data.prepared_dir is read), or pass --classes-file, "
             "or set data.classes")
     if len(set(classes)) != len(classes):
         raise VertexError("the class list names a class twice")
@@ -289,7 +289,7 @@ def load_classes(config: configs.Config, classes_file: Optional[str] = None) -> 
 
 def create_vertex_pipeline(config: configs.Config, classes: Sequence[str], has_test_split: bool):
     """The pipeline with Google Cloud settings; ``config`` must pass ``validate``."""
-    from pipeline import pipeline as pipeline_lib
+    from visiontune.pipeline import pipeline as pipeline_lib
 
     paths = validate(config)
     cloud = cloud_config(config, paths)

@@ -1,6 +1,6 @@
 """A small client for TF Serving (real or built-in), over REST or gRPC.
 
-    from serving.client import RestClient, classify_files
+    from visiontune.serving.client import RestClient, classify_files
     client = RestClient("http://localhost:8501", "gtsrb")
     for row in classify_files(client, ["stop.ppm"], top_k=3):
         print(row["image"], row["top_k"])
@@ -24,7 +24,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-IMAGE_INPUT = "image_bytes"
+from visiontune import features
 
 
 class PredictionError(Exception):
@@ -250,7 +250,7 @@ class GrpcClient:
         return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
 
     def predict_images(self, images: Sequence[bytes], version: Optional[int] = None) -> Dict[str, np.ndarray]:
-        return self.predict({IMAGE_INPUT: np.array(list(images), dtype=object)}, version)
+        return self.predict({features.IMAGE_BYTES_INPUT: np.array(list(images), dtype=object)}, version)
 
 
 # ---------------------------------------------------------------- top-k classification
@@ -290,7 +290,6 @@ def top_k(outputs: Mapping[str, np.ndarray], k: int = 3,
     return rows
 
 
-MASK_OUTPUT = "mask_bytes"
 
 
 def _mask_rows(paths: Sequence[str], outputs: Mapping[str, np.ndarray], masks_dir: Optional[str]
@@ -302,7 +301,7 @@ def _mask_rows(paths: Sequence[str], outputs: Mapping[str, np.ndarray], masks_di
 
     rows = []
     probability = np.asarray(outputs.get("foreground_probability", []), dtype=np.float64)
-    for i, (path, png) in enumerate(zip(paths, np.ravel(outputs[MASK_OUTPUT]))):
+    for i, (path, png) in enumerate(zip(paths, np.ravel(outputs[features.MASK_BYTES_OUTPUT]))):
         mask = Image.open(io.BytesIO(png))
         row = {"image": path, "mask_size": list(mask.size),
                "mask_values": sorted(int(v) for v in np.unique(np.asarray(mask)))}
@@ -325,13 +324,13 @@ def classify_files(client, paths: Sequence[str], top: int = 3, batch_size: int =
     A segmentation model answers with a mask per image instead: the row then
     has the mask's size and values, and the PNG is written to ``masks_dir``.
     """
-    from serving.images import encode_for_serving
+    from visiontune.serving.images import encode_for_serving
 
     results = []
     for start in range(0, len(paths), batch_size):
         chunk = list(paths[start:start + batch_size])
         outputs = client.predict_images([encode_for_serving(p) for p in chunk])
-        if MASK_OUTPUT in outputs:
+        if features.MASK_BYTES_OUTPUT in outputs:
             results.extend(_mask_rows(chunk, outputs, masks_dir))
             continue
         if "probabilities" not in outputs:

@@ -15,11 +15,16 @@ from concurrent import futures
 from typing import Optional
 
 import grpc
-from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
-                                     predict_pb2, prediction_service_pb2_grpc)
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
 
-from serving import tensors
-from serving.model_server import ModelManager, ServingError
+from visiontune.serving import tensors
+from visiontune.serving.model_server import ModelManager, ServingError
 
 log = logging.getLogger("visiontune.serving")
 

@@ -15,7 +15,7 @@ _NO_LIMIT = 1 << 62
 
 def encode_for_serving(path: str) -> bytes:
     """The file's bytes if TensorFlow can decode them as RGB, else a lossless RGB PNG."""
-    from components import prepare
+    from visiontune.components import prepare
 
     try:
         encoded, _, _, _ = prepare.encode_image(path, _NO_LIMIT, _NO_LIMIT)

@@ -30,11 +30,10 @@ import threading
 import time
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-from components import keras_env  # noqa: F401
+from visiontune import features
 
 log = logging.getLogger("visiontune.serving")
 
-DEFAULT_SIGNATURE = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
 
 # ModelVersionStatus.State values (tensorflow_serving/apis/get_model_status.proto).
@@ -93,7 +92,7 @@ class Servable:
     signature_defs: object                # meta_graph_pb2 SignatureDef map (for metadata)
 
     def signature(self, name: Optional[str]) -> Signature:
-        name = name or DEFAULT_SIGNATURE
+        name = name or features.SERVING_DEFAULT
         if name not in self.signatures:
             # TF Serving's wording (http_rest_api_handler.cc), INVALID_ARGUMENT.
             raise invalid(f'Serving signature name: "{name}" not found in signature def')
@@ -155,7 +154,7 @@ def _warm_up(servable: Servable) -> None:
     """
     import tensorflow as tf
 
-    sig = servable.signatures.get(DEFAULT_SIGNATURE)
+    sig = servable.signatures.get(features.SERVING_DEFAULT)
     if sig is None or list(sig.inputs) != ["image_bytes"]:
         return
     try:

@@ -23,8 +23,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional, Tuple
 
-from serving import tensors
-from serving.model_server import ModelManager, ServingError, invalid
+from visiontune.serving import tensors
+from visiontune.serving.model_server import ModelManager, ServingError, invalid
 
 log = logging.getLogger("visiontune.serving")
 

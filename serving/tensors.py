@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import numpy as np
 
-from serving.model_server import invalid
+from visiontune.serving.model_server import invalid
 
 ROW, COLUMNAR = "row", "columnar"
 

@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from components import keras_env  # noqa: F401
+import visiontune  # noqa: F401  (first: it makes tf.keras mean tf_keras before TensorFlow loads)
+from visiontune import features
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("VISIONTUNE_SHARED") or os.path.join(os.path.dirname(REPO_ROOT), "shared")
@@ -59,8 +60,8 @@ def write_shape_tree(folder: str, per_class: int = 12, size: int = 40, seed: int
 @pytest.fixture(scope="session")
 def shapes_prepared(tmp_path_factory):
     """A prepared (``visiontune prepare``) dataset of shapes: (prepared_dir, classes)."""
-    from components import prepare
-    from pipeline import configs
+    from visiontune import configs
+    from visiontune.components import prepare
 
     root = tmp_path_factory.mktemp("shapes")
     source = write_shape_tree(str(root / "images"))
@@ -94,7 +95,7 @@ def run_transform(prepared_dir: str, classes, image_size: int, out_dir: str) -> 
     import tensorflow_transform.beam as tft_beam
     from tensorflow_transform.tf_metadata import dataset_metadata, metadata_io, schema_utils
 
-    from components import transform
+    from visiontune.components import transform
 
     metadata = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(raw_feature_spec()))
     custom = {"image_size": image_size, "classes": list(classes)}
@@ -140,7 +141,7 @@ def shapes_transformed(shapes_prepared, tmp_path_factory):
 
 def trainer_config(**training):
     """A tiny Trainer config (MobileNetV2-0.35 at 32 px, 1+1 epochs) for fast real exports."""
-    from pipeline import configs
+    from visiontune import configs
 
     weights = MOBILENET_V2_035 if os.path.exists(MOBILENET_V2_035) else "none"
     return configs.from_dict(configs.Config, {
@@ -156,8 +157,9 @@ def trainer_config(**training):
 
 def trainer_fn_args(tmp, transformed, config, classes):
     """TFX ``FnArgs`` for ``trainer.run_fn`` on a ``shapes_transformed`` output."""
-    from pipeline import configs
     from tfx.components.trainer import fn_args_utils
+
+    from visiontune import configs
 
     tft_dir, transformed_dir, _, _ = transformed
     return fn_args_utils.FnArgs(
@@ -176,7 +178,7 @@ def exported_model(shapes_transformed, tmp_path_factory):
 
     Session-scoped: the Trainer tests and the serving tests share one training run.
     """
-    from components import trainer
+    from visiontune.components import trainer
 
     tmp = str(tmp_path_factory.mktemp("trainer"))
     fn_args = trainer_fn_args(tmp, shapes_transformed, trainer_config(), SHAPE_CLASSES)
@@ -213,7 +215,7 @@ def gtsrb_slice(tmp_path_factory):
 
 def gtsrb_config(root, train, test_csv, **overrides):
     """MobileNetV2-0.35 at 48 px, 3+3 epochs, evaluated on the test images: a run of a few minutes."""
-    from pipeline import configs
+    from visiontune import configs
 
     base = [
         f"data.source={train}", "data.labels_csv=*/GT-*.csv",
@@ -241,7 +243,7 @@ def first_run(gtsrb_slice):
     """
     import shutil
 
-    from pipeline import local_runner
+    from visiontune.pipeline import local_runner
 
     root, train, test_csv, _ = gtsrb_slice
     config = gtsrb_config(root, train, test_csv)
@@ -249,8 +251,8 @@ def first_run(gtsrb_slice):
     snapshot = root / "first_run_snapshot"
     snapshot.mkdir()
     out = config.pipeline.output_dir
-    shutil.copy(os.path.join(out, local_runner.METADATA_FILE), snapshot)
-    shutil.copy(os.path.join(out, local_runner.SUMMARY_FILE), snapshot)
+    shutil.copy(os.path.join(out, features.METADATA_DB_FILE), snapshot)
+    shutil.copy(os.path.join(out, features.RUN_SUMMARY_FILE), snapshot)
     if os.path.isdir(os.path.join(out, "report")):
         shutil.copytree(os.path.join(out, "report"), snapshot / "report")
     return config, summary

@@ -16,11 +16,10 @@ import os
 
 import pytest
 
-from pipeline import compare, results
 from tests.conftest import MOBILENET_V2_035, SHAPE_CLASSES
 from tests.test_report import table_with_header, tables, tfma_figures
 from visiontune import cli
-
+from visiontune.pipeline import compare, results
 
 # --------------------------------------------------------------------------- specs and planning
 
@@ -83,7 +82,7 @@ def _offline(monkeypatch):
 
 
 def test_unreachable_imagenet_and_misfit_files_fall_back_to_none(monkeypatch, tmp_path):
-    from pipeline import configs
+    from visiontune import configs
 
     _offline(monkeypatch)
     model = configs.ModelConfig(backbone="mobilenet", alpha=0.25, weights="imagenet", image_size=32)
@@ -200,7 +199,8 @@ def comparison(shapes_prepared, tmp_path_factory):
 
 def _execution_states(metadata_path):
     from ml_metadata.proto import metadata_store_pb2
-    from pipeline import results
+
+    from visiontune.pipeline import results
 
     store = results._store(metadata_path)
     names = {t.id: t.name.rsplit(".", 1)[-1] for t in store.get_execution_types()}
@@ -232,7 +232,8 @@ def test_compare_reuses_examplegen_and_transform_for_the_second_backbone(compari
 def test_each_row_is_its_own_backbones_tfma_evaluation(comparison):
     import numpy as np
     from ml_metadata.proto import metadata_store_pb2
-    from pipeline import report, results
+
+    from visiontune.pipeline import report, results
 
     out, data = comparison
     store, _ = _execution_states(os.path.join(out, compare.PIPELINE_DIR, "metadata.sqlite"))

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from pipeline import configs
+from visiontune import configs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -3,9 +3,9 @@
 import pytest
 import tf_keras
 
-from components import backbones, model as model_lib
-from pipeline import configs
 from tests.conftest import MOBILENET_V2_035, require_shared
+from visiontune import configs
+from visiontune.components import backbones, model as model_lib
 
 
 def _model(weights="none", size=32, backbone="mobilenet_v2", alpha=0.35):

@@ -14,8 +14,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pipeline import local_runner
 from tests.conftest import GTSRB, GTSRB_CLASSES, gtsrb_config
+from visiontune.pipeline import local_runner
 
 pytestmark = pytest.mark.e2e
 CLASSES = GTSRB_CLASSES
@@ -30,7 +30,8 @@ def _png(path):
 
 def _executions_by_state(config):
     from ml_metadata.proto import metadata_store_pb2
-    from pipeline import results
+
+    from visiontune.pipeline import results
 
     store = results._store(local_runner.metadata_path(config))
     by_type = {t.id: t.name for t in store.get_execution_types()}

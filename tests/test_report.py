@@ -19,9 +19,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from pipeline import report
 from tests.conftest import GTSRB_CLASSES
 from visiontune import cli
+from visiontune.pipeline import report
 
 EMBEDDED_PNG = '<img src="data:image/png;base64,'
 

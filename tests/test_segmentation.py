@@ -12,8 +12,8 @@ import os
 import numpy as np
 import pytest
 
-from components import keras_env  # noqa: F401
 from tests.conftest import MOBILENET_V2_035, SHARED, require_shared
+from visiontune import features
 
 CDNET = os.path.join(SHARED, "datasets", "cdnet2014")
 # CDnet's values: 0 background, 255 foreground, 50/85/170 void.
@@ -55,7 +55,7 @@ def write_pairs(root: str, count: int = 8, size: int = 48) -> str:
 
 
 def _seg_config(source: str, prepared: str, **data):
-    from pipeline import configs
+    from visiontune import configs
 
     return configs.load_config(None, ["task=segmentation", f"data.source={source}",
                                       f"data.prepared_dir={prepared}", "data.workers=1",
@@ -78,8 +78,8 @@ def _read_examples(folder: str):
 def test_prepare_pairs_keeps_palette_indices_and_rejects_bad_pairs(tmp_path):
     from PIL import Image
 
-    from components import prepare
-    from pipeline import configs
+    from visiontune import configs
+    from visiontune.components import prepare
 
     src = write_pairs(str(tmp_path / "src"), count=8)
     # A missing mask, a mask of the wrong size, a colour mask, an orphan mask, a non-matching name.
@@ -121,7 +121,7 @@ def test_prepare_pairs_keeps_palette_indices_and_rejects_bad_pairs(tmp_path):
 
 
 def test_segmentation_settings_are_checked():
-    from pipeline import configs
+    from visiontune import configs
 
     base = ["task=segmentation"]
     with pytest.raises(configs.ConfigError, match="multiple of 32"):
@@ -142,12 +142,12 @@ def test_segmentation_settings_are_checked():
 def test_transform_resizes_masks_nearest_and_maps_void():
     import tensorflow as tf
 
-    from components import masks, transform
+    from visiontune.components import masks, transform
 
     image, values = _square_scene(48, 1)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    lookup = masks.lookup_table([[0], [255]], transform.VOID_ID)
+    lookup = masks.lookup_table([[0], [255]], features.VOID_ID)
     inputs = {"image": tf.constant([[buf.getvalue()], [buf.getvalue()]]),
               "mask": tf.constant([[masks.encode_mask(values)], [b""]])}
     out = transform.preprocessing_fn(inputs, {"image_size": 96, "task": "segmentation",
@@ -157,18 +157,18 @@ def test_transform_resizes_masks_nearest_and_maps_void():
     ids = transform.decode_mask_ids(out["mask_ids"], 96).numpy()
     assert ids.dtype == np.uint8 and ids.shape == (2, 96, 96)
     # Nearest neighbour: only class ids and void, never a value in between.
-    assert set(np.unique(ids[0]).tolist()) == {0, 1, transform.VOID_ID}
+    assert set(np.unique(ids[0]).tolist()) == {0, 1, features.VOID_ID}
     expected = np.array(lookup, np.uint8)[np.repeat(np.repeat(values, 2, 0), 2, 1)]
     np.testing.assert_array_equal(ids[0], expected)
     # A serving request has no mask: all void instead of a decode error.
-    assert set(np.unique(ids[1]).tolist()) == {transform.VOID_ID}
+    assert set(np.unique(ids[1]).tolist()) == {features.VOID_ID}
 
 
 # ----------------------------------------------------------------------------- model
 
 def test_encoder_decoder_shapes_skips_and_last_block_policy():
-    from components import model as model_lib, segmentation_model
-    from pipeline import configs
+    from visiontune import configs
+    from visiontune.components import model as model_lib, segmentation_model
 
     cfg = configs.load_config(None, ["task=segmentation", "model.backbone=vgg16", "model.weights=none",
                                      "model.image_size=64"])
@@ -190,7 +190,7 @@ def test_encoder_decoder_shapes_skips_and_last_block_policy():
 
 
 def test_pixel_metrics_from_confusion_matrices():
-    from components import segmentation_metrics as sm
+    from visiontune.components import segmentation_metrics as sm
 
     fg = sm.Matrix(tp=8, fp=2, fn=4, tn=86)
     bg = sm.Matrix(tp=86, fp=4, fn=2, tn=8)
@@ -211,7 +211,8 @@ def test_pixel_metrics_from_confusion_matrices():
 def cdnet_run(tmp_path_factory):
     require_shared(CDNET)
     require_shared(MOBILENET_V2_035)
-    from pipeline import configs, local_runner
+    from visiontune import configs
+    from visiontune.pipeline import local_runner
 
     root = tmp_path_factory.mktemp("cdnet")
     config = configs.load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
@@ -228,8 +229,7 @@ def cdnet_run(tmp_path_factory):
 def test_cdnet_pipeline_pushes_a_model_whose_metrics_match_its_masks(cdnet_run):
     import tensorflow as tf
 
-    from components import transform
-    from pipeline import report
+    from visiontune.pipeline import report
 
     config, summary = cdnet_run
     assert summary.pushed, summary.message()
@@ -245,7 +245,7 @@ def test_cdnet_pipeline_pushes_a_model_whose_metrics_match_its_masks(cdnet_run):
     records = [r.numpy() for r in tf.data.TFRecordDataset(test_files)]
     predicted = model.signatures["serving_examples"](examples=tf.constant(records))["class_ids"].numpy()
     truth = model.signatures["transform_features"](examples=tf.constant(records))["mask_ids"].numpy()
-    valid = truth != transform.VOID_ID
+    valid = truth != features.VOID_ID
     assert valid.sum() < truth.size  # CDnet's test masks do have void pixels
     assert metrics["pixel_accuracy"] == pytest.approx((predicted[valid] == truth[valid]).mean(), abs=1e-6)
 
@@ -273,9 +273,9 @@ def test_cdnet_masks_over_rest_and_grpc_and_predict_command(cdnet_run, tmp_path,
     """A client sends JPEG bytes and gets the mask PNG (base64 over REST) of the frame's size."""
     import tensorflow as tf
 
-    from serving.client import MASK_OUTPUT
     from tests.test_serving import start_builtin
     from visiontune import cli
+    from visiontune.features import MASK_BYTES_OUTPUT as MASK_OUTPUT
 
     config, summary = cdnet_run
     base_path = os.path.dirname(summary.pushed_dir)

@@ -32,10 +32,10 @@ from typing import Callable, Optional
 import numpy as np
 import pytest
 
-from serving import tensors
-from serving.client import GrpcClient, PredictionError, RestClient, classify_files, load_class_names, top_k
-from serving.images import encode_for_serving
 from tests.conftest import SHAPE_CLASSES, draw_shape
+from visiontune.serving import tensors
+from visiontune.serving.client import GrpcClient, PredictionError, RestClient, load_class_names, top_k
+from visiontune.serving.images import encode_for_serving
 
 MODEL = "shapes"
 
@@ -93,9 +93,9 @@ def _free_port() -> int:
 
 
 def start_builtin(base_path: str, name: str = MODEL, **limits) -> Served:
-    from serving.grpc_server import GrpcServer
-    from serving.model_server import Limits, ModelManager
-    from serving.rest import RestServer
+    from visiontune.serving.grpc_server import GrpcServer
+    from visiontune.serving.model_server import Limits, ModelManager
+    from visiontune.serving.rest import RestServer
 
     manager = ModelManager(name, base_path, num_versions=2, poll_seconds=0.2,
                            limits=Limits(**limits)).start()
@@ -111,7 +111,7 @@ def start_builtin(base_path: str, name: str = MODEL, **limits) -> Served:
 
 
 def start_tf_serving(base_path: str, name: str = MODEL) -> Served:
-    from serving.commands import tf_serving_config
+    from visiontune.serving.tf_serving import tf_serving_config
 
     config = os.path.join(os.path.dirname(base_path), f"{name}.config")
     with open(config, "w") as f:
@@ -346,8 +346,8 @@ def test_bad_grpc_requests_get_tf_serving_codes(served, image_files):
 def test_builtin_limits_on_batch_and_body_size(served, image_files):
     if served.kind != "builtin":
         pytest.skip("request limits are the built-in server's")
-    from serving.grpc_server import GrpcServer
-    from serving.model_server import Limits
+    from visiontune.serving.grpc_server import GrpcServer
+    from visiontune.serving.model_server import Limits
 
     png = encode_for_serving(image_files[0])
     manager = served.manager
@@ -501,7 +501,7 @@ def test_serve_command_errors(tmp_path, capsys):
 
 
 def test_tf_serving_config_keeps_the_same_versions():
-    from serving.commands import tf_serving_config
+    from visiontune.serving.tf_serving import tf_serving_config
 
     config = tf_serving_config("gtsrb", "/srv/models/gtsrb", 3)
     assert 'name: "gtsrb"' in config and 'base_path: "/srv/models/gtsrb"' in config
@@ -550,7 +550,7 @@ def test_row_and_columnar_formats_follow_tf_serving():
     [1, 2],
 ])
 def test_malformed_json_tensors_are_invalid_argument(body):
-    from serving.model_server import ServingError
+    from visiontune.serving.model_server import ServingError
 
     specs = {"image_bytes": _Spec("string"), "weight": _Spec("float32")}
     with pytest.raises(ServingError) as e:

@@ -3,7 +3,7 @@
 import tensorflow as tf
 import tf_keras
 
-from components import strategy
+from visiontune.components import strategy
 
 
 def test_cpu_gets_the_default_strategy_and_float32():

@@ -11,9 +11,9 @@ import tensorflow as tf
 import tf_keras
 from PIL import Image
 
-from components import signatures, trainer
 from tests.conftest import SHAPE_CLASSES, trainer_config
-
+from visiontune import features
+from visiontune.components import signatures, trainer
 
 # The tiny config and the export are shared with the serving tests (tests/conftest.py).
 _config = trainer_config
@@ -42,7 +42,7 @@ def test_export_has_tf_serving_layout_and_metadata(exported):
     assert set(loaded.signatures) == {"serving_default", "serving_examples", "transform_features"}
     meta = signatures.read_metadata(model_dir)
     assert meta["classes"] == SHAPE_CLASSES and meta["image_size"] == 32
-    history = json.load(open(os.path.join(exported.model_run_dir, trainer.HISTORY_FILE)))
+    history = json.load(open(os.path.join(exported.model_run_dir, features.HISTORY_FILE)))
     assert [r["phase"] for r in history["history"]] == ["warmup", "fine_tune"]
     assert all(r["epoch_seconds"] > 0 for r in history["history"])
     # The resume state is cleaned up once the model is exported.
@@ -104,7 +104,7 @@ class _Epochs(tf_keras.callbacks.Callback):
 
 
 def test_a_killed_trainer_resumes_where_it_stopped(shapes_transformed, tmp_path):
-    from components import model as model_lib
+    from visiontune.components import model as model_lib
 
     _, transformed_dir, classes, size = shapes_transformed
     config = _config(warmup={"epochs": 1}, fine_tune={"epochs": 4, "backbone": "all"},

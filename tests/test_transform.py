@@ -4,18 +4,18 @@ import glob
 import os
 
 import numpy as np
-import pytest
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from components import transform
 from tests.conftest import SHAPE_CLASSES
+from visiontune import features
+from visiontune.components import transform
 
 
 def _read_transformed(transformed_dir, split):
     files = sorted(glob.glob(os.path.join(transformed_dir, f"{split}*")))
-    spec = {transform.PIXELS_KEY: tf.io.FixedLenFeature([], tf.string),
-            transform.LABEL_ID_KEY: tf.io.FixedLenFeature([], tf.int64)}
+    spec = {features.PIXELS_KEY: tf.io.FixedLenFeature([], tf.string),
+            features.LABEL_ID_KEY: tf.io.FixedLenFeature([], tf.int64)}
     ds = tf.data.TFRecordDataset(files, compression_type="GZIP")
     return [tf.io.parse_single_example(r, spec) for r in ds]
 
@@ -24,7 +24,7 @@ def test_vocabulary_follows_classes_txt_order(shapes_prepared, shapes_transforme
     _, transformed_dir, classes, _ = shapes_transformed
     # Natural order from prepare: "2" before "10", names after numbers.
     assert classes == SHAPE_CLASSES
-    ids = [int(r[transform.LABEL_ID_KEY]) for r in _read_transformed(transformed_dir, "train")]
+    ids = [int(r[features.LABEL_ID_KEY]) for r in _read_transformed(transformed_dir, "train")]
     counts = shapes_prepared.counts["train"]
     assert {i: ids.count(i) for i in set(ids)} == {classes.index(c): n for c, n in counts.items() if n}
 
@@ -34,13 +34,13 @@ def test_pixels_are_compact_uint8_at_the_configured_size(shapes_transformed):
     rows = _read_transformed(transformed_dir, "eval")
     assert rows
     for row in rows:
-        pixels = transform.decode_pixels_one(row[transform.PIXELS_KEY], size)
+        pixels = transform.decode_pixels_one(row[features.PIXELS_KEY], size)
         assert pixels.dtype == tf.uint8 and pixels.shape == (size, size, 3)
         # serialized uint8: about one byte per value, not four
-        assert len(row[transform.PIXELS_KEY].numpy()) < size * size * 3 + 64
+        assert len(row[features.PIXELS_KEY].numpy()) < size * size * 3 + 64
     spec = tft.TFTransformOutput(tft_dir).transformed_feature_spec()
-    assert spec[transform.PIXELS_KEY].dtype == tf.string
-    assert spec[transform.LABEL_ID_KEY].dtype == tf.int64
+    assert spec[features.PIXELS_KEY].dtype == tf.string
+    assert spec[features.LABEL_ID_KEY].dtype == tf.int64
 
 
 def test_decode_and_resize_accepts_png_and_jpeg():

@@ -17,14 +17,15 @@ import pytest
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from pipeline import configs, vertex_runner
+from visiontune import configs
+from visiontune.pipeline import vertex_runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GTSRB_CONFIG = os.path.join(REPO, "configs", "gtsrb.yaml")
 IMAGE = "us-central1-docker.pkg.dev/test-project/visiontune/visiontune:0.1.0"
 ROOT = "gs://test-bucket/visiontune/gtsrb"
 GTSRB_CLASSES = [str(i) for i in range(43)]
-VERTEX = [f"vertex.project=test-project", "vertex.region=europe-west4", f"vertex.root={ROOT}",
+VERTEX = ["vertex.project=test-project", "vertex.region=europe-west4", f"vertex.root={ROOT}",
           f"vertex.image={IMAGE}", "vertex.service_account=pipelines@test-project.iam.gserviceaccount.com"]
 BEAM_COMPONENTS = {"ImportExampleGen", "StatisticsGen", "Transform", "Evaluator"}
 ORDER = ["ImportExampleGen", "StatisticsGen", "SchemaGen", "ExampleValidator", "Transform",
@@ -117,10 +118,10 @@ def test_every_step_runs_in_the_image_with_module_code_inside(gpu_job):
         container = _container(spec, task)
         assert container.fields["image"].string_value == IMAGE, task
     # Module code is referenced by dotted path: it travels inside the image.
-    assert _param(spec, "Trainer", "run_fn") == "components.trainer.run_fn"
-    assert _param(spec, "Transform", "preprocessing_fn") == "components.transform.preprocessing_fn"
+    assert _param(spec, "Trainer", "run_fn") == "visiontune.components.trainer.run_fn"
+    assert _param(spec, "Transform", "preprocessing_fn") == "visiontune.components.transform.preprocessing_fn"
     assert "module_file" not in spec.root.dag.tasks["Trainer"].inputs.parameters
-    assert _args(_container(spec, "Pusher"))[:2] == ["--executor_class_path", "components.pusher.Executor"]
+    assert _args(_container(spec, "Pusher"))[:2] == ["--executor_class_path", "visiontune.components.pusher.Executor"]
     push = json.loads(_param(spec, "Pusher", "push_destination"))
     assert push["filesystem"]["base_directory"] == f"{ROOT}/serving/gtsrb"
 
@@ -269,8 +270,8 @@ def test_classes_and_test_split_from_a_local_prepared_dataset(shapes_prepared, t
 
 def test_local_pipeline_of_the_same_config_is_unchanged(tmp_path):
     """The vertex: section changes nothing locally: stock Trainer and Pusher, DirectRunner only."""
-    from pipeline import local_runner, pipeline as pipeline_lib
-    from components import prepare
+    from visiontune.components import prepare
+    from visiontune.pipeline import local_runner, pipeline as pipeline_lib
 
     config = configs.load_config(GTSRB_CONFIG, VERTEX + [f"pipeline.output_dir={tmp_path / 'run'}"])
     prepared = prepare.PrepareResult(output_dir=config.data.prepared_dir, classes=GTSRB_CLASSES,
@@ -290,7 +291,7 @@ def test_local_pipeline_of_the_same_config_is_unchanged(tmp_path):
     plain.vertex = configs.VertexConfig()
     other = {c.id: c for c in local_runner.create_local_pipeline(plain, prepared).components}
     assert json.loads(other["Trainer"].exec_properties["custom_config"]) == trainer_custom
-    assert pipeline_lib.TRAINER_FN == "components.trainer.run_fn"
+    assert pipeline_lib.TRAINER_FN == "visiontune.components.trainer.run_fn"
 
 
 def _cli(*args, env=None, cwd=REPO):
@@ -341,7 +342,7 @@ def test_remote_weights_are_copied_to_a_local_file_for_keras(tmp_path):
 
     ``file://`` goes through the same ``tf.io.gfile`` path as ``gs://``.
     """
-    from components import backbones
+    from visiontune.components import backbones
 
     source = tmp_path / "weights_no_top.h5"
     source.write_bytes(b"\x89HDF\r\n\x1a\n fake weights")

@@ -7,6 +7,8 @@ import os
 import shlex
 import sys
 
+from visiontune.cli import options
+
 _DESCRIPTION = """\
 Runs the config's pipeline once per backbone, with the same data and
 hyperparameters, and writes compare.html (self-contained), compare.json and
@@ -40,12 +42,6 @@ baseline would be whichever backbone ran before).
 """
 
 
-def _cli():
-    from visiontune import cli
-
-    return cli
-
-
 def command_line(args) -> str:
     """The command as a user would retype it (for the report and BENCHMARKS.md)."""
     words = ["visiontune", "compare"]
@@ -62,16 +58,12 @@ def command_line(args) -> str:
 
 
 def cmd_compare(args) -> int:
-    cli = _cli()
-    from pipeline import compare
+    from visiontune.pipeline import compare
 
-    try:
-        specs = compare.parse_backbones(args.backbones)
-        data = compare.run_comparison(args.config, specs, overrides=cli._overrides(args, []),
-                                      output_dir=args.output_dir, latency_runs=args.latency_runs,
-                                      command=command_line(args))
-    except compare.CompareError as e:
-        raise cli.UserError(str(e)) from None
+    specs = compare.parse_backbones(args.backbones)
+    data = compare.run_comparison(args.config, specs, overrides=options.overrides(args),
+                                  output_dir=args.output_dir, latency_runs=args.latency_runs,
+                                  command=command_line(args))
     print(compare.render_markdown(data))
     for name in (compare.HTML_FILE, compare.JSON_FILE, compare.MARKDOWN_FILE):
         print(os.path.join(data["output_dir"], name))
@@ -89,8 +81,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--config", "-c", help="YAML config file (see configs/)")
     p.add_argument("--backbones", "-b", action="append", required=True, metavar="SPEC,SPEC,...",
                    help="backbones to compare, comma-separated (repeatable); see above")
-    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting for every backbone, e.g. training.fine_tune.epochs=10")
+    options.add_set_arg(p, "override a setting for every backbone, e.g. training.fine_tune.epochs=10")
     p.add_argument("--output-dir", "-o", default="",
                    help="where the runs and the report go (default: 'compare' beside the config's "
                         "pipeline.output_dir)")

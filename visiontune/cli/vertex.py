@@ -7,8 +7,10 @@ with one line saying how to get them.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+
+from visiontune.cli import options
+from visiontune.errors import UserError
 
 # Shortcut flags of ``compile``: (flag, setting it overrides, help).
 _COMPILE_SHORTCUTS = [
@@ -20,17 +22,11 @@ _COMPILE_SHORTCUTS = [
 ]
 
 
-def _cli():
-    from visiontune import cli
-
-    return cli
-
-
 @contextlib.contextmanager
 def _user_errors():
     import warnings
 
-    from pipeline import vertex_runner
+    from visiontune.pipeline import vertex_runner
 
     # The Google Cloud libraries warn about Python 3.10 once per imported module, and
     # about the google-cloud-storage version TFX pins: nothing a user can act on.
@@ -38,14 +34,13 @@ def _user_errors():
     try:
         yield
     except vertex_runner.VertexError as e:
-        raise _cli().UserError(str(e)) from None
+        raise UserError(str(e)) from None
 
 
 def cmd_compile(args) -> int:
-    cli = _cli()
-    from pipeline import configs, vertex_runner
+    from visiontune.pipeline import vertex_runner
 
-    config = configs.load_config(args.config, cli._overrides(args, _COMPILE_SHORTCUTS))
+    config = options.load_config(args, _COMPILE_SHORTCUTS)
     with _user_errors():
         classes, has_test = vertex_runner.load_classes(config, args.classes_file)
         vertex_runner.validate(config)
@@ -63,7 +58,7 @@ def cmd_compile(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from pipeline import vertex_runner
+    from visiontune.pipeline import vertex_runner
 
     caching = {"on": True, "off": False, None: None}[args.cache]
     with _user_errors():
@@ -77,12 +72,11 @@ def cmd_submit(args) -> int:
 
 
 def add_commands(subparsers) -> None:
-    cli = _cli()
     p = subparsers.add_parser(
         "compile", help="compile the pipeline for Vertex AI Pipelines (offline, no credentials)",
         description="Compiles the pipeline with KubeflowV2DagRunner into a PipelineJob JSON file "
                     "for Vertex AI Pipelines, using the config's vertex: section.")
-    cli._add_config_args(p, _COMPILE_SHORTCUTS)
+    options.add_config_args(p, _COMPILE_SHORTCUTS)
     p.add_argument("--target", choices=["vertex"], default="vertex", help="orchestrator (vertex)")
     p.add_argument("--output", "-o", default="pipeline.json", help="the JSON file to write")
     p.add_argument("--classes-file", help="class names, one a line (default: classes.txt of the "

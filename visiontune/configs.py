@@ -21,9 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or an override names a setting that does not exist or is invalid."""
+from visiontune.errors import ConfigError  # noqa: F401  (re-exported: configs.ConfigError)
 
 
 @dataclasses.dataclass

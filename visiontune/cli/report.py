@@ -6,9 +6,8 @@ import argparse
 
 
 def cmd_report(args) -> int:
-    from pipeline import report
+    from visiontune.pipeline import report
 
-    # report.ReportError (no run there) is a FileNotFoundError: the CLI prints it as one line.
     index = report.write_report(args.run, report_dir=args.output or "",
                                 max_eval_examples=args.max_eval_examples)
     print(index)

@@ -9,16 +9,15 @@ reads, top-k classes, batched requests, REST or gRPC.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 
-TF_SERVING_BINARY = "tensorflow_model_server"
+from visiontune.errors import UserError
+from visiontune.serving.tf_serving import TF_SERVING_BINARY, tf_serving_command
 
 
 def add_commands(sub) -> None:
@@ -64,28 +63,7 @@ def add_commands(sub) -> None:
 
 # ---------------------------------------------------------------- serve
 
-def tf_serving_config(name: str, base_path: str, num_versions: int) -> str:
-    """A ``--model_config_file`` (text proto) with the version policy the built-in server has."""
-    return ("model_config_list {\n  config {\n"
-            f"    name: {json.dumps(name)}\n    base_path: {json.dumps(os.path.abspath(base_path))}\n"
-            '    model_platform: "tensorflow"\n'
-            f"    model_version_policy {{ latest {{ num_versions: {num_versions} }} }}\n"
-            "  }\n}\n")
-
-
-def tf_serving_command(binary: str, args, name: str) -> list:
-    config_dir = tempfile.mkdtemp(prefix="visiontune-serving-")
-    config = os.path.join(config_dir, "models.config")
-    with open(config, "w") as f:
-        f.write(tf_serving_config(name, args.model_base_path, args.num_versions))
-    return [binary, f"--port={args.grpc_port}", f"--rest_api_port={args.rest_port}",
-            f"--model_config_file={config}",
-            f"--file_system_poll_wait_seconds={max(1, round(args.poll_seconds))}"]
-
-
 def cmd_serve(args) -> int:
-    from visiontune.cli import UserError
-
     base = os.path.abspath(args.model_base_path)
     if not os.path.isdir(base):
         raise UserError(f"{base}: no such folder (the Pusher's SERVING_DIR/MODEL_NAME)")
@@ -94,7 +72,9 @@ def cmd_serve(args) -> int:
         raise UserError("--num-versions must be at least 1")
     binary = None if args.builtin else shutil.which(TF_SERVING_BINARY)
     if binary:
-        command = tf_serving_command(binary, args, name)
+        command = tf_serving_command(binary, name, args.model_base_path, grpc_port=args.grpc_port,
+                                     rest_port=args.rest_port, num_versions=args.num_versions,
+                                     poll_seconds=args.poll_seconds)
         print(f"running TF Serving: {' '.join(command)}", flush=True)
         if args.host not in ("127.0.0.1", "0.0.0.0"):
             print("note: tensorflow_model_server listens on all interfaces; --host is ignored",
@@ -106,7 +86,7 @@ def cmd_serve(args) -> int:
 
 
 def serve_builtin(args, base: str, name: str) -> int:
-    from serving.model_server import Limits, ModelManager
+    from visiontune.serving.model_server import Limits, ModelManager
 
     manager = ModelManager(name, base, num_versions=args.num_versions, poll_seconds=args.poll_seconds,
                            limits=Limits(args.max_batch_size, args.max_body_bytes))
@@ -114,16 +94,14 @@ def serve_builtin(args, base: str, name: str) -> int:
     servers = []
     try:
         if args.rest_port:
-            from serving.rest import RestServer
+            from visiontune.serving.rest import RestServer
 
             servers.append(RestServer(manager, args.host, args.rest_port).start())
         if args.grpc_port:
-            from serving.grpc_server import GrpcServer
+            from visiontune.serving.grpc_server import GrpcServer
 
             servers.append(GrpcServer(manager, args.host, args.grpc_port).start())
     except OSError as e:
-        from visiontune.cli import UserError
-
         for server in servers:
             server.stop()
         manager.stop()
@@ -145,8 +123,7 @@ def serve_builtin(args, base: str, name: str) -> int:
 # ---------------------------------------------------------------- predict
 
 def cmd_predict(args) -> int:
-    from serving.client import GrpcClient, PredictionError, RestClient, classify_files, load_class_names
-    from visiontune.cli import UserError
+    from visiontune.serving.client import GrpcClient, PredictionError, RestClient, classify_files, load_class_names
 
     if bool(args.server) == bool(args.grpc):
         raise UserError("pass --server URL (REST) or --grpc HOST:PORT")

@@ -16,13 +16,12 @@ import random
 
 import numpy as np
 import pytest
+import tensorflow as tf  # noqa: E402  (after the module under test: it must not need TF at import)
 from PIL import Image, features as pil_features
 
-from components import prepare
-from components.prepare import PrepareError, natural_key, prepare_dataset, read_classes
-from pipeline.configs import DataConfig
-
-import tensorflow as tf  # noqa: E402  (after the module under test: it must not need TF at import)
+from visiontune.components import prepare
+from visiontune.components.prepare import PrepareError, natural_key, prepare_dataset, read_classes
+from visiontune.configs import DataConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("VISIONTUNE_SHARED", os.path.join(REPO, "..", "shared"))
@@ -561,7 +560,7 @@ def test_gtsrb_three_classes_with_test_set(tmp_path):
 
 def test_split_group_regex_keeps_a_group_on_one_side():
     """Frames of one GTSRB track (``CLASS/TRACK_FRAME.ppm``) never straddle train and eval."""
-    from components.prepare import split_fraction, split_key
+    from visiontune.components.prepare import split_fraction, split_key
 
     regex = r"^(\d+/\d+)_"
     tracks = {}

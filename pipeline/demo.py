@@ -13,9 +13,7 @@ import copy
 import os
 from typing import Sequence
 
-from components import keras_env  # noqa: F401
-
-from pipeline import configs
+from visiontune import configs
 
 # The demo's settings; ``visiontune demo --set key=value`` overrides them.
 DEMO_SETTINGS = {
@@ -70,7 +68,7 @@ def demo_config(output_dir: str, overrides: Sequence[str] = ()) -> configs.Confi
 
 
 def run_demo(output_dir: str, overrides: Sequence[str] = ()):
-    from pipeline import local_runner
+    from visiontune.pipeline import local_runner
 
     config = demo_config(output_dir, overrides)
     if not os.path.isdir(config.data.source):

@@ -1,0 +1,67 @@
+"""``visiontune prepare``, ``run`` and ``demo``: the pipeline on this machine."""
+
+from __future__ import annotations
+
+import json
+
+from visiontune.cli import options
+from visiontune.errors import UserError
+
+
+def cmd_prepare(args) -> int:
+    from visiontune import configs
+    from visiontune.components import prepare
+
+    config = options.load_config(args, options.PREPARE_SHORTCUTS)
+    if not config.data.prepared_dir:
+        raise UserError("no output folder: pass --output or set data.prepared_dir")
+    result = prepare.prepare_dataset(config.data, progress=not args.quiet,
+                                     segmentation=configs.segmentation_settings(config))
+    print(result.summary())
+    return 0
+
+
+def cmd_run(args) -> int:
+    config = options.load_config(args, options.RUN_SHORTCUTS)
+    from visiontune.pipeline import local_runner
+
+    summary = local_runner.run(config, force_prepare=args.prepare)
+    print_summary(summary, args.json)
+    return 0 if summary.pushed or not args.fail_if_not_pushed else 3
+
+
+def cmd_demo(args) -> int:
+    from visiontune.pipeline import demo
+
+    summary = demo.run_demo(args.output_dir, overrides=args.overrides)
+    print_summary(summary, args.json)
+    return 0
+
+
+def print_summary(summary, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary.to_json(), indent=2))
+    else:
+        print(summary.message())
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("prepare", help="convert images (folders or CSV-labelled) to TFRecords")
+    options.add_config_args(p, options.PREPARE_SHORTCUTS)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("run", help="run the pipeline locally (LocalDagRunner, SQLite metadata)")
+    options.add_config_args(p, options.RUN_SHORTCUTS)
+    p.add_argument("--prepare", action="store_true",
+                   help="re-run ingest even if prepared_dir already holds a dataset")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    p.add_argument("--fail-if-not-pushed", action="store_true",
+                   help="exit with status 3 when the model was not blessed and pushed")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="run the whole pipeline on built-in data (no downloads)")
+    p.add_argument("--output-dir", default="outputs/demo", help="where everything goes")
+    options.add_set_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_demo)
