@@ -55,10 +55,10 @@ def _noop(_):
 
 
 def pool_startup_seconds() -> float:
-    from visiontune.components import prepare
+    from visiontune.components import shard_writer
 
     start = time.perf_counter()
-    ctx = multiprocessing.get_context(prepare._start_method())
+    ctx = multiprocessing.get_context(shard_writer._start_method())
     with concurrent.futures.ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
         list(pool.map(_noop, range(2)))
     return time.perf_counter() - start
@@ -117,10 +117,10 @@ def main(argv=None) -> int:
                 loads.append(os.getloadavg()[0])
                 print(f"{name} repeat {r}: 1w {rates[1][-1]:.0f} img/s, 2w {rates[2][-1]:.0f} img/s, "
                       f"load {loads[-1]:.1f}", flush=True)
-            from visiontune.components import prepare
+            from visiontune.components import shard_writer
 
             startup = common.median([pool_startup_seconds() for _ in range(3)])
-            method = prepare._start_method()
+            method = shard_writer._start_method()
             one, two = common.median(rates[1]), common.median(rates[2])
             scaling = two / one
             report[name] = {"images": images, "runs_per_sample": runs, "img_per_s_1": rates[1], "img_per_s_2": rates[2],

@@ -3,7 +3,7 @@
 ``serving_default`` decodes with TensorFlow, which reads PNG and JPEG.  A
 client holding another format (GTSRB's PPM, TIFF, WebP...) converts it with
 the very function ``visiontune prepare`` uses for training data
-(:func:`components.prepare.encode_image`), so the model sees the same pixels
+(:func:`components.image_encoding.encode_image`), so the model sees the same pixels
 in training and in production.
 """
 
@@ -15,10 +15,10 @@ _NO_LIMIT = 1 << 62
 
 def encode_for_serving(path: str) -> bytes:
     """The file's bytes if TensorFlow can decode them as RGB, else a lossless RGB PNG."""
-    from visiontune.components import prepare
+    from visiontune.components import image_encoding
 
     try:
-        encoded, _, _, _ = prepare.encode_image(path, _NO_LIMIT, _NO_LIMIT)
-    except prepare.ImageRejected as e:
+        encoded, _, _, _ = image_encoding.encode_image(path, _NO_LIMIT, _NO_LIMIT)
+    except image_encoding.ImageRejected as e:
         raise ValueError(f"{path}: not an image Pillow can read ({e})") from None
     return encoded

@@ -19,8 +19,9 @@ import pytest
 import tensorflow as tf  # noqa: E402  (after the module under test: it must not need TF at import)
 from PIL import Image, features as pil_features
 
-from visiontune.components import prepare
-from visiontune.components.prepare import PrepareError, natural_key, prepare_dataset, read_classes
+from visiontune.components import example_records, prepare
+from visiontune.components.image_listing import natural_key
+from visiontune.components.prepare import PrepareError, prepare_dataset, read_classes
 from visiontune.configs import DataConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,14 +204,14 @@ def test_hand_written_example_matches_tensorflow():
                   filename="dir/é.png".encode(), height=300, width=2 ** 40, label=b"10")
     example = tf.train.Example(features=tf.train.Features(
         feature={k: feature(v) for k, v in values.items()}))
-    ours = prepare.serialize_example(values["image"], "png", "dir/é.png", 300, 2 ** 40, "10")
+    ours = example_records.serialize_example(values["image"], "png", "dir/é.png", 300, 2 ** 40, "10")
     assert ours == example.SerializeToString(deterministic=True)
 
 
 def test_tfrecord_files_match_tensorflow_writer(tmp_path):
     """Shards are written without TensorFlow, byte for byte as tf.io.TFRecordWriter writes them."""
     records = [b"", b"x", bytes(range(256)) * 41, "é".encode()]
-    (tmp_path / "ours.tfrecord").write_bytes(b"".join(prepare.frame_record(r) for r in records))
+    (tmp_path / "ours.tfrecord").write_bytes(b"".join(example_records.frame_record(r) for r in records))
     with tf.io.TFRecordWriter(str(tmp_path / "tf.tfrecord")) as theirs:
         for r in records:
             theirs.write(r)
@@ -560,7 +561,7 @@ def test_gtsrb_three_classes_with_test_set(tmp_path):
 
 def test_split_group_regex_keeps_a_group_on_one_side():
     """Frames of one GTSRB track (``CLASS/TRACK_FRAME.ppm``) never straddle train and eval."""
-    from visiontune.components.prepare import split_fraction, split_key
+    from visiontune.components.image_listing import split_fraction, split_key
 
     regex = r"^(\d+/\d+)_"
     tracks = {}
