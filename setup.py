@@ -16,7 +16,7 @@ setup(
     package_dir={"visiontune": "visiontune", "visiontune.cli": "visiontune/cli",
                  "visiontune.pipeline": "pipeline", "visiontune.components": "components",
                  "visiontune.serving": "serving"},
-    packages=["visiontune", "visiontune.cli", "visiontune.pipeline", "visiontune.components",
+    packages=["visiontune", "visiontune.cli", "visiontune.configs", "visiontune.pipeline", "visiontune.components",
               "visiontune.serving"],
     # The run and comparison reports' Jinja2 templates.
     package_data={"visiontune.pipeline": ["templates/*.html"]},

@@ -1,4 +1,4 @@
-"""Registry of ``keras.applications`` backbones usable by the Trainer.
+"""The ``keras.applications`` backbones usable by the Trainer: constructors and input scaling.
 
 Every backbone was trained on ImageNet with its own input scaling (``tf`` mode
 scales to [-1, 1], ``caffe`` mode subtracts BGR means, ``torch`` mode
@@ -6,6 +6,11 @@ normalises per channel).  Feeding a backbone pixels scaled for another is the
 commonest silent fine-tuning bug, so each entry carries its own
 ``preprocess_input`` and the model applies it itself: the data on disk stays
 raw uint8 pixels and no caller can pick the wrong scaling.
+
+Which backbones exist, their input sizes and whether they take ``alpha`` is
+the registry's metadata (``visiontune.configs.backbones``, no TensorFlow), so
+the config checks them when it loads; this module adds the ``tf_keras``
+constructor and ``preprocess_input`` each entry names.
 """
 
 from __future__ import annotations
@@ -17,50 +22,51 @@ from typing import Callable, Dict, Optional
 import tf_keras
 from tf_keras import applications as apps
 
+from visiontune.configs import backbones as registry
+
 
 @dataclasses.dataclass(frozen=True)
 class Backbone:
-    name: str
+    """A registry entry (``visiontune.configs.backbones``) with its Keras constructor and scaling."""
+
+    info: registry.BackboneInfo
     constructor: Callable[..., tf_keras.Model]
     preprocess_input: Callable
-    default_size: int
-    min_size: int = 32
-    # Whether the constructor takes a width multiplier ``alpha``.
-    has_alpha: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def default_size(self) -> int:
+        return self.info.default_size
+
+    @property
+    def min_size(self) -> int:
+        return self.info.min_size
+
+    @property
+    def has_alpha(self) -> bool:
+        """Whether the constructor takes a width multiplier ``alpha``."""
+        return self.info.has_alpha
 
 
-BACKBONES: Dict[str, Backbone] = {
-    b.name: b for b in [
-        Backbone("mobilenet_v2", apps.MobileNetV2, apps.mobilenet_v2.preprocess_input, 224, has_alpha=True),
-        Backbone("mobilenet", apps.MobileNet, apps.mobilenet.preprocess_input, 224, has_alpha=True),
-        Backbone("vgg16", apps.VGG16, apps.vgg16.preprocess_input, 224),
-        Backbone("vgg19", apps.VGG19, apps.vgg19.preprocess_input, 224),
-        Backbone("resnet50", apps.ResNet50, apps.resnet50.preprocess_input, 224),
-        Backbone("resnet50v2", apps.ResNet50V2, apps.resnet_v2.preprocess_input, 224),
-        Backbone("inception_v3", apps.InceptionV3, apps.inception_v3.preprocess_input, 299, min_size=75),
-        Backbone("xception", apps.Xception, apps.xception.preprocess_input, 299, min_size=71),
-        Backbone("densenet121", apps.DenseNet121, apps.densenet.preprocess_input, 224),
-        Backbone("inception_resnet_v2", apps.InceptionResNetV2,
-                 apps.inception_resnet_v2.preprocess_input, 299, min_size=75),
-        Backbone("efficientnet_b0", apps.EfficientNetB0, apps.efficientnet.preprocess_input, 224),
-    ]
-}
+def _complete(info: registry.BackboneInfo) -> Backbone:
+    return Backbone(info, getattr(apps, info.keras_class), getattr(apps, info.keras_module).preprocess_input)
+
+
+# The registry's entries, each with what builds it: the list of backbones is the registry's.
+BACKBONES: Dict[str, Backbone] = {name: _complete(info) for name, info in registry.BACKBONES.items()}
 
 
 def get_backbone(name: str) -> Backbone:
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}") from None
+    """The entry of ``name``; an unknown name (a ``ValueError``) lists the known ones."""
+    return BACKBONES[registry.get(name).name]
 
 
 def input_size(name: str, image_size: int = 0) -> int:
     """The square input side: the configured one, else the backbone's default."""
-    backbone = get_backbone(name)
-    size = image_size or backbone.default_size
-    if size < backbone.min_size:
-        raise ValueError(f"{name} needs inputs of at least {backbone.min_size} px, got {size}")
-    return size
+    return registry.input_size(name, image_size)
 
 
 def resolve_weights(weights: str) -> Optional[str]:

@@ -53,7 +53,7 @@ def overrides(args: argparse.Namespace, shortcuts: Sequence[Shortcut] = ()) -> L
     return result
 
 
-def load_config(args: argparse.Namespace, shortcuts: Sequence[Shortcut] = ()):
+def load_config(args: argparse.Namespace, shortcuts: Sequence[Shortcut] = (), local_files: bool = True):
     from visiontune import configs
 
-    return configs.load_config(args.config, overrides(args, shortcuts))
+    return configs.load_config(args.config, overrides(args, shortcuts), local_files=local_files)

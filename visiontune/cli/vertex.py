@@ -40,7 +40,9 @@ def _user_errors():
 def cmd_compile(args) -> int:
     from visiontune.pipeline import vertex_runner
 
-    config = options.load_config(args, _COMPILE_SHORTCUTS)
+    # The pipeline runs on Vertex AI: files on this machine (a local weights file) are not checked here;
+    # vertex_runner.validate refuses the settings that would point at them.
+    config = options.load_config(args, _COMPILE_SHORTCUTS, local_files=False)
     with _user_errors():
         classes, has_test = vertex_runner.load_classes(config, args.classes_file)
         vertex_runner.validate(config)
