@@ -1,4 +1,4 @@
-"""Pusher executor that does not push the same model twice.
+"""Pusher component whose executor does not push the same model twice.
 
 Re-running the pipeline on unchanged inputs reuses the cached Trainer output,
 but the Evaluator runs again (its baseline is now the last blessed model,
@@ -7,6 +7,10 @@ SavedModel to a new version folder each time.  TF Serving would then "upgrade"
 to a copy of what it already serves.  This executor compares the model with
 the newest pushed version and, when they are the same bytes, records that
 version as the push instead of making another.
+
+``Pusher`` is TFX's Pusher with that executor as its ``EXECUTOR_SPEC`` (TFX's
+way to customize a component; ``custom_executor_spec`` is deprecated).  Its id
+stays "Pusher" and its MLMD type name still ends in ``.Pusher``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import os
 from typing import Any, Dict, List, Optional
 
 from tfx import types
-from tfx.components.pusher import executor as pusher_executor
+from tfx.components.pusher import component as pusher_component, executor as pusher_executor
+from tfx.dsl.components.base import executor_spec
 from tfx.dsl.io import fileio
 from tfx.proto import pusher_pb2
 from tfx.types import artifact_utils, standard_component_specs
@@ -67,3 +72,9 @@ class Executor(pusher_executor.Executor):
                     self._MarkPushed(model_push, pushed_destination=pushed_dir, pushed_version=version)
                     return
         super().Do(input_dict, output_dict, exec_properties)
+
+
+class Pusher(pusher_component.Pusher):
+    """TFX's Pusher (same spec and arguments) running :class:`Executor`."""
+
+    EXECUTOR_SPEC = executor_spec.ExecutorClassSpec(Executor)

@@ -3,9 +3,9 @@
 ImportExampleGen -> StatisticsGen -> SchemaGen -> ExampleValidator -> Transform
 -> Trainer -> Resolver (latest blessed model) -> Evaluator -> Pusher.
 
-Module code is referenced by dotted path (``components.trainer.run_fn``) rather
-than uploaded as a module file, so the same definition runs locally and inside
-a container image that has this package installed.  Because TFX cannot
+Module code is referenced by dotted path (``visiontune.components.trainer.run_fn``)
+rather than uploaded as a module file, so the same definition runs locally and
+inside a container image that has this package installed.  Because TFX cannot
 fingerprint code it does not upload, a hash of the module sources goes into
 ``custom_config``: editing the Trainer invalidates the cached Trainer output.
 """
@@ -17,7 +17,6 @@ import os
 from typing import Any, Dict, List, Optional, Sequence
 
 from tfx import v1 as tfx
-from tfx.dsl.components.base import executor_spec
 from tfx.proto import example_gen_pb2
 
 from visiontune import configs, features
@@ -134,13 +133,12 @@ def create_pipeline(
                      else evaluation.create_eval_config(config.evaluation, len(classes))),
         example_splits=[config.evaluation.split])
 
-    pusher_component = tfx.components.Pusher(
+    pusher_component = pusher.Pusher(
         model=trainer.outputs["model"],
         model_blessing=evaluator.outputs["blessing"],
         push_destination=tfx.proto.PushDestination(
             filesystem=tfx.proto.PushDestination.Filesystem(
-                base_directory=os.path.join(config.pipeline.serving_dir, config.pipeline.model_name))),
-        custom_executor_spec=executor_spec.ExecutorClassSpec(pusher.Executor))
+                base_directory=os.path.join(config.pipeline.serving_dir, config.pipeline.model_name))))
     components = [example_gen, statistics_gen, schema_gen, example_validator, transform,
                   trainer, model_resolver, evaluator, pusher_component]
 

@@ -128,6 +128,35 @@ def test_a_killed_trainer_resumes_where_it_stopped(shapes_transformed, tmp_path)
     assert [r["phase"] for r in history] == ["warmup", "fine_tune", "fine_tune"]
 
 
+def _epoch_orders(ds, epochs=2):
+    """Per epoch, (label, pixel sum) of every example in the order ``ds`` yields them."""
+    orders = []
+    for _ in range(epochs):
+        rows = [np.stack([labels.numpy(), tf.reduce_sum(tf.cast(images, tf.int64), axis=[1, 2, 3]).numpy()], 1)
+                for images, labels in ds]
+        orders.append(np.concatenate(rows).tolist())
+    return orders
+
+
+def test_training_order_depends_on_the_seed_only(shapes_transformed):
+    """What the model is fed (the same seed reproduces a run's accuracy exactly): the same
+    examples in the same order for the same seed, cached in memory or not (which depends
+    on the machine's RAM), a new order every epoch; evaluation in file order."""
+    _, transformed_dir, _, size = shapes_transformed
+    files = [os.path.join(transformed_dir, "train*")]
+
+    def orders(seed, cache):
+        tf.random.set_seed(seed)  # as run_fn's tf_keras.utils.set_random_seed
+        return _epoch_orders(trainer.create_dataset(files, size, 8, training=True, seed=seed, cache=cache))
+
+    first, second = orders(42, cache=True)
+    assert orders(42, cache=False) == [first, second]
+    assert first != second and sorted(first) == sorted(second)
+    assert orders(7, cache=True)[0] != first
+    unshuffled = _epoch_orders(trainer.create_dataset(files, size, 8, training=False), epochs=1)[0]
+    assert unshuffled != first and sorted(unshuffled) == sorted(first)
+
+
 @pytest.mark.parametrize("min_seconds, resumed_at", [(0, 2), (3600, 0)])
 def test_backups_are_throttled_by_time(tmp_path, min_seconds, resumed_at):
     """Backing up every epoch costs ~7 % on short epochs: between backups at least min_seconds pass."""

@@ -38,9 +38,14 @@ def _classes_file(tmp_path):
     return str(path)
 
 
+def _gtsrb(overrides=()):
+    """The GTSRB config as the Vertex compile loads it: no files of this machine (../shared) are needed."""
+    return configs.load_config(GTSRB_CONFIG, list(overrides), local_files=False)
+
+
 def _compile(tmp_path, *overrides, classes=None):
     """Compiles the GTSRB config in-process; returns (PipelineJob proto, JSON dict)."""
-    config = configs.load_config(GTSRB_CONFIG, VERTEX + list(overrides))
+    config = _gtsrb(VERTEX + list(overrides))
     output = tmp_path / "pipeline.json"
     vertex_runner.compile_pipeline(config, str(output), classes or GTSRB_CLASSES, has_test_split=True)
     job_dict = json.loads(output.read_text())
@@ -239,20 +244,20 @@ def test_optional_endpoint_push_and_dataflow_off(tmp_path):
     (["vertex.training.machine_type=n1-standard-8"], "NVIDIA_TESLA_A100 runs on a2-highgpu-"),
 ])
 def test_invalid_vertex_settings_are_named(tmp_path, overrides, message):
-    config = configs.load_config(GTSRB_CONFIG, VERTEX + overrides)
+    config = _gtsrb(VERTEX + overrides)
     with pytest.raises(vertex_runner.VertexError, match=message):
         vertex_runner.compile_pipeline(config, str(tmp_path / "p.json"), GTSRB_CLASSES, True)
     assert not (tmp_path / "p.json").exists()
 
 
 def test_the_shipped_placeholders_are_refused():
-    config = configs.load_config(GTSRB_CONFIG)
+    config = _gtsrb()
     with pytest.raises(vertex_runner.VertexError, match="placeholder"):
         vertex_runner.validate(config)
 
 
 def test_classes_come_from_a_file_the_local_prepared_dir_or_the_config(tmp_path):
-    config = configs.load_config(GTSRB_CONFIG, VERTEX + [f"data.prepared_dir={tmp_path / 'none'}"])
+    config = _gtsrb(VERTEX + [f"data.prepared_dir={tmp_path / 'none'}"])
     with pytest.raises(vertex_runner.VertexError, match="--classes-file"):
         vertex_runner.load_classes(config)
     classes, has_test = vertex_runner.load_classes(config, _classes_file(tmp_path))
@@ -262,18 +267,18 @@ def test_classes_come_from_a_file_the_local_prepared_dir_or_the_config(tmp_path)
 
 
 def test_classes_and_test_split_from_a_local_prepared_dataset(shapes_prepared, tmp_path):
-    config = configs.load_config(GTSRB_CONFIG, VERTEX + [f"data.prepared_dir={shapes_prepared.output_dir}",
+    config = _gtsrb(VERTEX + [f"data.prepared_dir={shapes_prepared.output_dir}",
                                                          "evaluation.split=eval"])
     classes, has_test = vertex_runner.load_classes(config)
     assert classes == list(shapes_prepared.classes) and has_test is False
 
 
-def test_local_pipeline_of_the_same_config_is_unchanged(tmp_path):
-    """The vertex: section changes nothing locally: stock Trainer and Pusher, DirectRunner only."""
-    from visiontune.components import prepare
+def test_local_pipeline_of_the_same_config_is_unchanged(tmp_path, caplog):
+    """The vertex: section changes nothing locally: stock Trainer, our Pusher, DirectRunner only."""
+    from visiontune.components import prepare, pusher
     from visiontune.pipeline import local_runner, pipeline as pipeline_lib
 
-    config = configs.load_config(GTSRB_CONFIG, VERTEX + [f"pipeline.output_dir={tmp_path / 'run'}"])
+    config = _gtsrb(VERTEX + [f"pipeline.output_dir={tmp_path / 'run'}"])
     prepared = prepare.PrepareResult(output_dir=config.data.prepared_dir, classes=GTSRB_CLASSES,
                                      counts={"train": {"0": 1}, "eval": {"0": 1}, "test": {"0": 1}},
                                      rejects=[])
@@ -281,13 +286,17 @@ def test_local_pipeline_of_the_same_config_is_unchanged(tmp_path):
     by_id = {c.id: c for c in pipeline.components}
     assert "endpoint_pusher" not in by_id
     assert type(by_id["Trainer"]).__module__ == "tfx.components.trainer.component"
+    # A Pusher subclass, not the deprecated custom_executor_spec (which logs a warning).
+    assert type(by_id["Pusher"]) is pusher.Pusher
+    assert by_id["Pusher"].executor_spec.executor_class is pusher.Executor
+    assert "custom_executor_spec" not in caplog.text
     trainer_custom = json.loads(by_id["Trainer"].exec_properties["custom_config"])
     assert trainer_custom["config"]["training"]["tpu"] == ""
     assert "ai_platform_training_args" not in trainer_custom
     for name in BEAM_COMPONENTS:
         assert by_id[name].executor_spec.beam_pipeline_args == local_runner.beam_args(1)
     # Without the vertex: section the local Trainer settings (its cache key) are identical.
-    plain = configs.load_config(GTSRB_CONFIG, [f"pipeline.output_dir={tmp_path / 'run'}"])
+    plain = _gtsrb([f"pipeline.output_dir={tmp_path / 'run'}"])
     plain.vertex = configs.VertexConfig()
     other = {c.id: c for c in local_runner.create_local_pipeline(plain, prepared).components}
     assert json.loads(other["Trainer"].exec_properties["custom_config"]) == trainer_custom
