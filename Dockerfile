@@ -1,9 +1,10 @@
 # The one image every step of the Vertex AI pipeline runs in: the pipeline's
 # components (KubeflowV2DagRunner), the Trainer's Vertex AI Training job, and
 # the Dataflow workers of ExampleGen, StatisticsGen, Transform and Evaluator
-# (--sdk_container_image).  Module code (visiontune.components.trainer.run_fn,
-# visiontune.components.transform.preprocessing_fn, visiontune.components.pusher.Executor) is
-# installed here, so compiling the pipeline uploads nothing.
+# (--sdk_container_image).  The module code TFX names by path
+# (visiontune.components.trainer.run_fn, visiontune.components.transform.preprocessing_fn,
+# visiontune.components.pusher.Executor) is installed here as the one
+# ``visiontune`` package, so compiling the pipeline uploads nothing.
 #
 #   docker build -t REGION-docker.pkg.dev/PROJECT/visiontune/visiontune:0.1.0 .
 #   (or: gcloud builds submit --tag REGION-docker.pkg.dev/PROJECT/visiontune/visiontune:0.1.0)
@@ -23,9 +24,11 @@ COPY pipeline pipeline
 COPY components components
 COPY serving serving
 COPY configs configs
-# Not editable (-e): the package must not depend on this folder's layout.
+# Not editable (-e): the package must not depend on this folder's layout
+# (the import check runs from / to prove it).
 RUN pip install --no-cache-dir -c constraints.txt . \
-    && cd / && python -c "import visiontune.components.trainer, visiontune.components.transform, visiontune.components.pusher, visiontune.pipeline.pipeline"
+    && cd / && python -c "import visiontune.components.trainer, visiontune.components.transform, \
+visiontune.components.pusher, visiontune.pipeline.pipeline" && visiontune --help > /dev/null
 
 COPY --from=beam /opt/apache/beam /opt/apache/beam
 # Pipeline steps and the training job set their own command; Dataflow runs the

@@ -40,7 +40,7 @@ def create_eval_config(evaluation: configs.EvaluationConfig, num_classes: int) -
             model_type=tfma.constants.TF_GENERIC,
             preprocessing_function_names=[features.TRANSFORM_FEATURES],
             label_key=features.LABEL_ID_KEY,
-            prediction_key="probabilities")],
+            prediction_key=features.PROBABILITIES_OUTPUT)],
         slicing_specs=overall,
         metrics_specs=[
             tfma.MetricsSpec(metrics=[
@@ -61,8 +61,6 @@ def create_eval_config(evaluation: configs.EvaluationConfig, num_classes: int) -
         ])
 
 
-PIXEL_ACCURACY = "pixel_accuracy"
-MEAN_IOU = "mean_iou"
 SEGMENTATION_METRICS_MODULE = "visiontune.components.segmentation_metrics"
 
 
@@ -78,7 +76,7 @@ def create_segmentation_eval_config(evaluation: configs.EvaluationConfig,
     overall = [tfma.SlicingSpec()]
     args = json.dumps({"class_ids": list(range(num_classes)),
                        "ground_truth_key": features.MASK_IDS_KEY,
-                       "prediction_key": "class_ids",
+                       "prediction_key": features.CLASS_IDS_OUTPUT,
                        "ignore_ground_truth_id": features.VOID_ID})
     blessing = tfma.MetricThreshold(
         value_threshold=tfma.GenericValueThreshold(lower_bound={"value": evaluation.min_accuracy}),

@@ -41,10 +41,10 @@ from visiontune.components import segmentation_model, transform
 def _outputs(probabilities: tf.Tensor, classes: tf.Tensor) -> Dict[str, tf.Tensor]:
     class_ids = tf.argmax(probabilities, axis=-1)
     return {
-        "classes": tf.gather(classes, class_ids),
-        "class_ids": class_ids,
-        "scores": tf.reduce_max(probabilities, axis=-1),
-        "probabilities": probabilities,
+        features.CLASSES_OUTPUT: tf.gather(classes, class_ids),
+        features.CLASS_IDS_OUTPUT: class_ids,
+        features.SCORES_OUTPUT: tf.reduce_max(probabilities, axis=-1),
+        features.PROBABILITIES_OUTPUT: probabilities,
     }
 
 
@@ -106,9 +106,9 @@ def _segmentation_outputs(probabilities: tf.Tensor, heights: tf.Tensor, widths: 
     masks = tf.map_fn(full_size_png, (probabilities, heights, widths),
                       fn_output_signature=tf.TensorSpec([], tf.string))
     return {
-        "mask_bytes": masks,
-        "class_ids": tf.argmax(probabilities, axis=-1),
-        "foreground_probability": probabilities[..., foreground_class],
+        features.MASK_BYTES_OUTPUT: masks,
+        features.CLASS_IDS_OUTPUT: tf.argmax(probabilities, axis=-1),
+        features.FOREGROUND_PROBABILITY_OUTPUT: probabilities[..., foreground_class],
     }
 
 
@@ -145,7 +145,7 @@ def export_saved_model(model: tf_keras.Model, tf_transform_output: tft.TFTransfo
     model.save(export_dir, save_format="tf", signatures=signatures, include_optimizer=False)
     extra = os.path.join(export_dir, features.METADATA_DIR)
     tf.io.gfile.makedirs(extra)
-    with tf.io.gfile.GFile(os.path.join(extra, "classes.txt"), "w") as f:
+    with tf.io.gfile.GFile(os.path.join(extra, features.CLASSES_FILE), "w") as f:
         f.write("".join(f"{c}\n" for c in classes))
     with tf.io.gfile.GFile(os.path.join(extra, features.MODEL_METADATA_FILE), "w") as f:
         json.dump({**metadata, "classes": list(classes), "image_size": image_size,

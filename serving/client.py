@@ -257,11 +257,12 @@ class GrpcClient:
 
 def load_class_names(path: str) -> List[str]:
     """``classes.txt``, or the one in a SavedModel's ``assets.extra/``, or in a base path's newest version."""
-    candidates = [path, os.path.join(path, "assets.extra", "classes.txt")]
+    candidates = [path, os.path.join(path, features.METADATA_DIR, features.CLASSES_FILE)]
     if os.path.isdir(path):
         versions = [d for d in os.listdir(path) if d.isdigit()]
         if versions:
-            candidates.append(os.path.join(path, max(versions, key=int), "assets.extra", "classes.txt"))
+            candidates.append(os.path.join(path, max(versions, key=int), features.METADATA_DIR,
+                                          features.CLASSES_FILE))
     for candidate in candidates:
         if os.path.isfile(candidate):
             with open(candidate, encoding="utf-8") as f:
@@ -276,10 +277,11 @@ def top_k(outputs: Mapping[str, np.ndarray], k: int = 3,
     Names come from ``class_names`` when given; otherwise the model's own
     ``classes`` output names the top class and others show as their id.
     """
-    probabilities = np.asarray(outputs["probabilities"], dtype=np.float64)
+    probabilities = np.asarray(outputs[features.PROBABILITIES_OUTPUT], dtype=np.float64)
     learned = {}
-    if "classes" in outputs and "class_ids" in outputs:
-        for name, cid in zip(np.ravel(outputs["classes"]), np.ravel(outputs["class_ids"])):
+    if features.CLASSES_OUTPUT in outputs and features.CLASS_IDS_OUTPUT in outputs:
+        for name, cid in zip(np.ravel(outputs[features.CLASSES_OUTPUT]),
+                             np.ravel(outputs[features.CLASS_IDS_OUTPUT])):
             learned[int(cid)] = name.decode("utf-8") if isinstance(name, bytes) else str(name)
     rows = []
     for probs in probabilities:
@@ -300,7 +302,7 @@ def _mask_rows(paths: Sequence[str], outputs: Mapping[str, np.ndarray], masks_di
     from PIL import Image
 
     rows = []
-    probability = np.asarray(outputs.get("foreground_probability", []), dtype=np.float64)
+    probability = np.asarray(outputs.get(features.FOREGROUND_PROBABILITY_OUTPUT, []), dtype=np.float64)
     for i, (path, png) in enumerate(zip(paths, np.ravel(outputs[features.MASK_BYTES_OUTPUT]))):
         mask = Image.open(io.BytesIO(png))
         row = {"image": path, "mask_size": list(mask.size),
@@ -333,7 +335,7 @@ def classify_files(client, paths: Sequence[str], top: int = 3, batch_size: int =
         if features.MASK_BYTES_OUTPUT in outputs:
             results.extend(_mask_rows(chunk, outputs, masks_dir))
             continue
-        if "probabilities" not in outputs:
+        if features.PROBABILITIES_OUTPUT not in outputs:
             raise PredictionError("the signature has no 'probabilities' output to rank", "INVALID_ARGUMENT")
         for path, classes in zip(chunk, top_k(outputs, top, class_names)):
             results.append({"image": path, "top_k": classes})

@@ -34,8 +34,6 @@ from visiontune import features
 
 log = logging.getLogger("visiontune.serving")
 
-PREDICT_METHOD = "tensorflow/serving/predict"
-
 # ModelVersionStatus.State values (tensorflow_serving/apis/get_model_status.proto).
 START, LOADING, AVAILABLE, UNLOADING, END = "START", "LOADING", "AVAILABLE", "UNLOADING", "END"
 
@@ -155,7 +153,7 @@ def _warm_up(servable: Servable) -> None:
     import tensorflow as tf
 
     sig = servable.signatures.get(features.SERVING_DEFAULT)
-    if sig is None or list(sig.inputs) != ["image_bytes"]:
+    if sig is None or list(sig.inputs) != [features.IMAGE_BYTES_INPUT]:
         return
     try:
         png = tf.io.encode_png(tf.zeros([8, 8, 3], tf.uint8))

@@ -271,7 +271,8 @@ def test_predict_command_prints_top_k(served, image_files, model_dir, in_process
     for row, probs, cls in zip(rows, expected["probabilities"], expected["classes"]):
         assert [c["class"] for c in row["top_k"]] == [SHAPE_CLASSES[i] for i in np.argsort(-probs)]
         assert row["top_k"][0]["class"] == cls.decode()
-        np.testing.assert_allclose([c["probability"] for c in row["top_k"]], np.sort(probs)[::-1], rtol=1e-6)
+        # Batches of 2 against one batch of all: float32 sums in another order differ by a few ulps.
+        np.testing.assert_allclose([c["probability"] for c in row["top_k"]], np.sort(probs)[::-1], rtol=1e-5)
 
     code = cli.main(["predict", "--grpc", served.grpc_target, "--model", served.name, image_files[2]])
     out = capsys.readouterr().out
