@@ -91,13 +91,13 @@ def run_pipeline(config_path: str, overrides: Sequence[str]):
     import time
 
     from visiontune import configs
-    from visiontune.pipeline import local_runner, results
+    from visiontune.pipeline import local_runner, run_metadata
 
     config = configs.load_config(config_path, overrides)
     start = time.time()
     summary = local_runner.run(config)
     wall = time.time() - start
-    timings = results.component_timings(local_runner.metadata_path(config))
+    timings = run_metadata.component_timings(local_runner.metadata_path(config))
     per_component = ", ".join(f"{t['component']} {t['seconds']:.0f}s" for t in timings
                               if t["seconds"] >= 0.5)
     return config, summary, wall, per_component

@@ -48,9 +48,9 @@ def timed(cmd) -> float:
 
 
 def newest_run(config):
-    from visiontune.pipeline import local_runner, results
+    from visiontune.pipeline import local_runner, run_metadata
 
-    return results.component_timings(local_runner.metadata_path(config))
+    return run_metadata.component_timings(local_runner.metadata_path(config))
 
 
 def main(argv=None) -> int:

@@ -65,9 +65,9 @@ def newest_evaluation(metadata: str):
     """(seconds, {input key: uri}, transformed examples uri) of the newest complete Evaluator run."""
     from ml_metadata.proto import metadata_store_pb2
 
-    from visiontune.pipeline import results
+    from visiontune.pipeline import run_metadata
 
-    store = results._store(metadata)
+    store = run_metadata.open_store(metadata)
     names = {t.id: t.name.rsplit(".", 1)[-1] for t in store.get_execution_types()}
     done = [e for e in store.get_executions() if names[e.type_id] == "Evaluator"
             and e.last_known_state == metadata_store_pb2.Execution.COMPLETE]

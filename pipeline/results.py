@@ -8,12 +8,9 @@ with class names rather than TFMA's class ids.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Dict, List, Optional
 
-import ml_metadata as mlmd
-from ml_metadata.proto import metadata_store_pb2
+from visiontune.pipeline import run_files, run_metadata
 
 
 @dataclasses.dataclass
@@ -66,29 +63,6 @@ class RunSummary:
 
     def to_json(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _store(metadata_path: str) -> mlmd.MetadataStore:
-    config = metadata_store_pb2.ConnectionConfig()
-    config.sqlite.filename_uri = metadata_path
-    config.sqlite.connection_mode = metadata_store_pb2.SqliteMetadataSourceConfig.READONLY
-    return mlmd.MetadataStore(config)
-
-
-def _latest(store: mlmd.MetadataStore, type_name: str) -> Optional[metadata_store_pb2.Artifact]:
-    artifacts = [a for a in store.get_artifacts_by_type(type_name)
-                 if a.state == metadata_store_pb2.Artifact.LIVE]
-    return max(artifacts, key=lambda a: a.id) if artifacts else None
-
-
-def _prop(artifact, name: str, default=None):
-    if name in artifact.custom_properties:
-        value = artifact.custom_properties[name]
-        return getattr(value, value.WhichOneof("value"))
-    if name in artifact.properties:
-        value = artifact.properties[name]
-        return getattr(value, value.WhichOneof("value"))
-    return default
 
 
 def read_metrics(evaluation_uri: str, classes: List[str]):
@@ -185,24 +159,20 @@ def blessing_failures(evaluation_uri: str) -> List[str]:
 
 
 def summarize_run(metadata_path: str) -> RunSummary:
-    store = _store(metadata_path)
-    pushed = _latest(store, "PushedModel")
-    blessing = _latest(store, "ModelBlessing")
-    evaluation = _latest(store, "ModelEvaluation")
-    model = _latest(store, "Model")
-    summary = RunSummary(pushed=bool(pushed and _prop(pushed, "pushed", 0)))
+    store = run_metadata.open_store(metadata_path)
+    pushed = run_metadata.latest_artifact(store, "PushedModel")
+    blessing = run_metadata.latest_artifact(store, "ModelBlessing")
+    evaluation = run_metadata.latest_artifact(store, "ModelEvaluation")
+    model = run_metadata.latest_artifact(store, "Model")
+    summary = RunSummary(pushed=bool(pushed and run_metadata.prop(pushed, "pushed", 0)))
     if pushed is not None:
-        summary.pushed_dir = _prop(pushed, "pushed_destination", "") or ""
+        summary.pushed_dir = run_metadata.prop(pushed, "pushed_destination", "") or ""
     if blessing is not None:
-        summary.blessed = bool(_prop(blessing, "blessed", 0))
-    if model is not None:
-        summary.model_dir = os.path.join(model.uri, "Format-Serving")
+        summary.blessed = bool(run_metadata.prop(blessing, "blessed", 0))
     classes: List[str] = []
     if model is not None:
-        meta = os.path.join(summary.model_dir, "assets.extra", "visiontune.json")
-        if os.path.exists(meta):
-            with open(meta) as f:
-                classes = json.load(f).get("classes", [])
+        summary.model_dir = run_files.serving_model_dir(model.uri)
+        classes = (run_files.model_metadata(summary.model_dir) or {}).get("classes", [])
     if evaluation is not None:
         summary.evaluation_dir = evaluation.uri
         summary.metrics, summary.per_class, summary.baseline_metrics = read_metrics(evaluation.uri, classes)
@@ -215,18 +185,3 @@ def summarize_run(metadata_path: str) -> RunSummary:
     if blessing is None:
         summary.reasons = ["the pipeline stopped before the Evaluator"]
     return summary
-
-
-def component_timings(metadata_path: str) -> List[Dict[str, Any]]:
-    """Wall time of each component in the newest run: [{component, state, seconds}], in order run."""
-    store = _store(metadata_path)
-    names = {t.id: t.name.rsplit(".", 1)[-1] for t in store.get_execution_types()}
-    runs = [c for c in store.get_contexts_by_type("pipeline_run")]
-    if not runs:
-        return []
-    newest = max(runs, key=lambda c: c.create_time_since_epoch)
-    executions = sorted(store.get_executions_by_context(newest.id), key=lambda e: e.id)
-    return [{"component": names[e.type_id],
-             "state": metadata_store_pb2.Execution.State.Name(e.last_known_state),
-             "seconds": (e.last_update_time_since_epoch - e.create_time_since_epoch) / 1000.0}
-            for e in executions]

@@ -200,9 +200,9 @@ def comparison(shapes_prepared, tmp_path_factory):
 def _execution_states(metadata_path):
     from ml_metadata.proto import metadata_store_pb2
 
-    from visiontune.pipeline import results
+    from visiontune.pipeline import run_metadata
 
-    store = results._store(metadata_path)
+    store = run_metadata.open_store(metadata_path)
     names = {t.id: t.name.rsplit(".", 1)[-1] for t in store.get_execution_types()}
     states = {}
     for e in sorted(store.get_executions(), key=lambda e: e.id):
@@ -233,7 +233,7 @@ def test_each_row_is_its_own_backbones_tfma_evaluation(comparison):
     import numpy as np
     from ml_metadata.proto import metadata_store_pb2
 
-    from visiontune.pipeline import report, results
+    from visiontune.pipeline import results, run_metadata
 
     out, data = comparison
     store, _ = _execution_states(os.path.join(out, compare.PIPELINE_DIR, "metadata.sqlite"))
@@ -241,8 +241,8 @@ def test_each_row_is_its_own_backbones_tfma_evaluation(comparison):
     for row, backbone in zip(data["rows"], ("mobilenet_v2", "mobilenet")):
         # The evaluation was made of this row's model (not of the baseline).
         evaluation = store.get_artifacts_by_uri(row["evaluation_dir"])[0]
-        evaluator = report._producer(store, evaluation.id)
-        inputs = report._linked(store, evaluator.id, (metadata_store_pb2.Event.INPUT,))
+        evaluator = run_metadata.producer(store, evaluation.id)
+        inputs = run_metadata.linked(store, evaluator.id, (metadata_store_pb2.Event.INPUT,))
         assert [a.uri for a in inputs["model"]] == [os.path.dirname(row["model_dir"])]
         meta = json.load(open(os.path.join(row["model_dir"], "assets.extra", "visiontune.json")))
         assert meta["backbone"] == backbone == row["backbone"]

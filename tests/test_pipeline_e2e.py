@@ -31,9 +31,9 @@ def _png(path):
 def _executions_by_state(config):
     from ml_metadata.proto import metadata_store_pb2
 
-    from visiontune.pipeline import results
+    from visiontune.pipeline import run_metadata
 
-    store = results._store(local_runner.metadata_path(config))
+    store = run_metadata.open_store(local_runner.metadata_path(config))
     by_type = {t.id: t.name for t in store.get_execution_types()}
     latest = {}
     for e in store.get_executions():

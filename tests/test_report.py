@@ -124,6 +124,26 @@ def test_page_escapes_names_and_lists_rejects_and_missing_parts():
     assert "not available" in page  # figures that were not built say so
 
 
+def test_page_escapes_a_script_in_a_class_name():
+    evil = "<script>alert('x')</script>"
+    data = {"output_dir": "/runs/<script>", "created": "now", "eval_split": "eval", "classes": [evil, "ok"],
+            "problems": [], "counts": {"train": {evil: 3, "ok": 4}},
+            "per_class": [{"name": n, "precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1} for n in (evil, "ok")],
+            "confused_pairs": [[evil, "ok", 2, 0.5]],
+            "mistakes": {"checked": 7, "total": 7, "wrong": 1,
+                         "shown": [{"filename": evil, "true": evil, "predicted": "ok", "confidence": 0.9}]},
+            "summary": {"pushed": False, "blessed": False, "pushed_dir": "", "reasons": [evil],
+                        "metrics": {}, "baseline_metrics": {}},
+            "model": {"backbone": evil}}
+    page = report.render_html(data, {})
+    assert "<script" not in page.lower()
+    assert "&lt;script&gt;alert(" in page
+    assert table_with_header(page, ["class", "train"])[0] == [evil, "3"]
+    assert table_with_header(page, ["class", "precision", "recall", "F1", "support"])[0][0] == evil
+    assert table_with_header(page, ["true", "predicted", "count", "share of true class"])[0][:2] == [evil, "ok"]
+    assert table_with_header(page, ["file", "true", "predicted", "confidence"])[0][:2] == [evil, evil]
+
+
 # --------------------------------------------------------------------------- from a real run
 
 
