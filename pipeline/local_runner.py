@@ -17,7 +17,9 @@ from tfx import v1 as tfx
 
 from visiontune import configs, features
 from visiontune.components import prepare as prepare_lib
-from visiontune.pipeline import pipeline as pipeline_lib, results
+from visiontune.pipeline import pipeline as pipeline_lib, progress, results
+
+logger = logging.getLogger(__name__)
 
 
 def beam_args(workers: int) -> List[str]:
@@ -62,12 +64,17 @@ def create_local_pipeline(config: configs.Config, prepared: prepare_lib.PrepareR
     )
 
 
+def run_pipeline(pipeline: tfx.dsl.Pipeline) -> None:
+    """Runs every component in this process, one line each as it starts and ends (``progress``)."""
+    progress.ProgressLocalDagRunner().run(pipeline)
+
+
 def run(config: configs.Config, force_prepare: bool = False) -> results.RunSummary:
     """Prepares (if needed), runs every component, and returns what happened."""
     prepared = ensure_prepared(config, force=force_prepare)
     os.makedirs(config.pipeline.output_dir, exist_ok=True)
-    logging.info("running pipeline %s into %s", config.pipeline.name, config.pipeline.output_dir)
-    tfx.orchestration.LocalDagRunner().run(create_local_pipeline(config, prepared))
+    logger.info("running pipeline %s into %s", config.pipeline.name, config.pipeline.output_dir)
+    run_pipeline(create_local_pipeline(config, prepared))
     summary = results.summarize_run(metadata_path(config))
     # The newest run's outcome, for people and for reports built later.
     with open(os.path.join(config.pipeline.output_dir, features.RUN_SUMMARY_FILE), "w") as f:

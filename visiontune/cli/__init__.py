@@ -6,6 +6,11 @@ file.  Errors a user can fix (a missing folder, an unknown setting, a bad
 image) are ``visiontune.errors.UserError``s: printed as one clear line, exit
 status 2, and a traceback only with ``--verbose``.
 
+Output is quiet by default: a command's result, one line per pipeline
+component as it starts and ends, Keras's epoch lines, our own ``visiontune.*``
+log messages and every error; ``--verbose`` (before or after the command)
+brings back the libraries' logs and warnings (see ``_configure_output``).
+
 The command modules beside this file register their subcommands; they import
 the pipeline and serving lazily, so ``visiontune --help`` loads no TensorFlow.
 """
@@ -15,7 +20,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+import warnings
 from typing import Optional, Sequence
 
 from visiontune.errors import UserError
@@ -31,27 +38,78 @@ def build_parser() -> argparse.ArgumentParser:
         prog="visiontune",
         description="Fine-tune ImageNet-pretrained Keras backbones on your images with TFX "
                     "and push them to TF Serving.")
-    parser.add_argument("--verbose", "-v", action="store_true",
-                        help="show TFX/Beam/TensorFlow logs, and tracebacks of errors")
+    verbose_help = ("show the libraries' logs and warnings (TFX, Beam, TensorFlow, absl), "
+                    "and tracebacks of errors")
+    parser.add_argument("--verbose", "-v", action="store_true", help=verbose_help)
     sub = parser.add_subparsers(dest="command", required=True)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).add_commands(sub)
+    # Also after the command (``visiontune run -v``); SUPPRESS keeps a --verbose given before it.
+    for command_parser in sub.choices.values():
+        command_parser.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                                    help=verbose_help)
     return parser
 
 
-def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    if not verbose:
-        # absl routes TFX's per-component chatter through here.
-        import absl.logging
-        absl.logging.set_verbosity(absl.logging.WARNING)
+class _QuietFormatter(logging.Formatter):
+    """INFO lines (ours: progress, report path) as plain text; warnings and errors say what and who."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return record.message if record.levelno <= logging.INFO else super().formatMessage(record)
+
+
+def _quiet_filter(record: logging.LogRecord) -> bool:
+    """visiontune's own loggers (``visiontune.*``) at INFO, everything else only at ERROR.
+
+    Not even the root logger's warnings: that is where Beam's multi-processing
+    mode relays its workers' logs (absl's and TensorFlow's among them).
+    """
+    return (record.levelno >= logging.ERROR or record.name == "visiontune"
+            or record.name.startswith("visiontune."))
+
+
+def _configure_output(verbose: bool) -> None:
+    """What a command prints besides its own output.
+
+    By default: our ``visiontune.*`` loggers at INFO (the per-component
+    progress lines, the report path, warnings), any error, Keras's epoch lines
+    (stdout) and the command's result; not the libraries' INFO and WARNING
+    logs, TensorFlow's C++ start-up lines or FutureWarnings.  ``--verbose``
+    shows all of these.  This runs before anything imports TensorFlow, so the
+    environment variables reach it, and child processes (Beam workers) inherit them.
+    """
+    import absl.logging
+
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        absl.logging.set_verbosity(absl.logging.INFO)
+        return
+    # cuFFT/cuDNN/cuBLAS "Unable to register ... factory" are logged at ERROR as
+    # TensorFlow loads; 3 hides them.  "2" is visiontune's own default (visiontune/__init__.py),
+    # any other value the user's choice.
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2") == "2":
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    if not sys.warnoptions:  # -W / PYTHONWARNINGS given: the user's choice
+        # google-cloud libraries warn about Python 3.10 and each other's versions
+        # as they are imported: nothing a visiontune user can act on.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        os.environ["PYTHONWARNINGS"] = "ignore::FutureWarning"
+    handler = logging.StreamHandler()
+    handler.setFormatter(_QuietFormatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_quiet_filter)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("visiontune").setLevel(logging.INFO)
+    # absl routes TFX's per-component chatter (and its warnings) through here.
+    absl.logging.set_verbosity(absl.logging.ERROR)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    if argv is None:
+        # The command line is ours alone: TFX's Beam executors parse sys.argv as
+        # absl flags, where "-v ARG" means --verbosity=ARG (and fails on "-v --set").
+        del sys.argv[1:]
+    _configure_output(args.verbose)
     try:
         return args.func(args)
     except UserError as e:
