@@ -28,6 +28,9 @@ from tfx.proto import pusher_pb2
 from tfx.types import artifact_utils, standard_component_specs
 from tfx.utils import proto_utils
 
+log = logging.getLogger(__name__)
+
+
 
 def model_digest(model_dir: str) -> str:
     """Hash of ``saved_model.pb`` and the variables: what TF Serving would load."""
@@ -68,7 +71,7 @@ class Executor(pusher_executor.Executor):
                 if model_digest(self.GetModelPath(input_dict)) == model_digest(pushed_dir):
                     model_push = artifact_utils.get_single_instance(
                         output_dict[standard_component_specs.PUSHED_MODEL_KEY])
-                    logging.info("model is identical to pushed version %s; not pushed again", version)
+                    log.info("model is identical to pushed version %s; not pushed again", version)
                     self._MarkPushed(model_push, pushed_destination=pushed_dir, pushed_version=version)
                     return
         super().Do(input_dict, output_dict, exec_properties)

@@ -14,6 +14,9 @@ from typing import Tuple
 import tensorflow as tf
 import tf_keras
 
+log = logging.getLogger(__name__)
+
+
 
 def create_strategy(tpu: str = "") -> Tuple[tf.distribute.Strategy, str]:
     """Returns the strategy and a short description for logs and reports."""
@@ -46,5 +49,5 @@ def configure_precision(strategy: tf.distribute.Strategy, mixed_precision: bool)
         elif tf.config.list_logical_devices("GPU"):
             policy = "mixed_float16"
     tf_keras.mixed_precision.set_global_policy(policy)
-    logging.info("Keras precision policy: %s", policy)
+    log.debug("Keras precision policy: %s", policy)
     return policy

@@ -46,6 +46,8 @@ from visiontune.components import (
     transform,
 )
 
+log = logging.getLogger(__name__)
+
 AUTOTUNE = tf.data.AUTOTUNE
 
 
@@ -280,10 +282,10 @@ def fit_phases(model: tf_keras.Model, config: configs.Config, train_ds, eval_ds,
             model.load_weights(done_marker)
             history.extend(json.loads(tf.io.gfile.GFile(done_marker + ".json").read()))
             epoch += phase.epochs
-            logging.info("phase %s already done in %s; resumed from it", name, state_dir)
+            log.info("phase %s already done in %s; resumed from it", name, state_dir)
             continue
         counts = model_lib.count_params(model)
-        logging.info("phase %s: %d epochs, lr %g, backbone %s (%d layers train), params %s",
+        log.info("phase %s: %d epochs, lr %g, backbone %s (%d layers train), params %s",
                      name, phase.epochs, phase.learning_rate, phase.backbone, len(trainable), counts)
         result = model.fit(train_ds, validation_data=eval_ds, epochs=epoch + phase.epochs,
                            initial_epoch=epoch, steps_per_epoch=steps,

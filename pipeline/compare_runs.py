@@ -27,7 +27,6 @@ LATENCY_WARMUP = 5
 
 def run_backbone(plan: Plan) -> Dict[str, Any]:
     """Runs the pipeline for one backbone; its row (``error`` set when the run failed)."""
-    from tfx import v1 as tfx
 
     from visiontune.pipeline import local_runner
 
@@ -47,7 +46,7 @@ def run_backbone(plan: Plan) -> Dict[str, Any]:
         logger.info("%s: running pipeline %s", plan.label, config.pipeline.name)
         error = None
         try:
-            tfx.orchestration.LocalDagRunner().run(local_runner.create_local_pipeline(config, prepared))
+            local_runner.run_pipeline(local_runner.create_local_pipeline(config, prepared))
         except Exception as e:  # noqa: BLE001 - reported in the table; the next backbone runs
             error = f"{type(e).__name__}: {first_line(e, 300)}"
             logger.error("%s: pipeline failed: %s", plan.label, error)
