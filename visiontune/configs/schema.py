@@ -32,8 +32,6 @@ SEGMENTATION_OUTPUTS = ("softmax", "sigmoid")
 SEGMENTATION_CLASSES = ["background", "foreground"]
 
 
-
-
 @dataclasses.dataclass
 class DataConfig:
     """Where the images are and how ``visiontune prepare`` turns them into TFRecords.
