@@ -8,6 +8,14 @@ already decodes to upright RGB keep their original bytes.  A file that cannot
 be used raises ``ImageRejected`` with the reason, which becomes a row of
 ``rejects.csv`` instead of killing a Beam job halfway through training data.
 
+Pillow is more lenient than TensorFlow's decoders (libpng, libjpeg), which
+Transform runs on every kept byte: a PNG with a bad CRC in a critical chunk,
+no IEND or an unfinished zlib stream, or a JPEG without its end-of-image
+marker, opens in Pillow and fails ``tf.io.decode_image`` later, killing the
+whole Transform.  ``tf_decoder_problem`` checks those rules on the raw bytes
+(chunk CRCs with ``zlib.crc32``, the zlib stream, the JPEG marker sequence),
+so ingest rejects such files without importing TensorFlow.
+
 Serving clients call ``encode_image`` too (``serving.images``), so a model sees
 the same pixels in production as in training.  This runs in ingest's worker
 processes: Pillow and NumPy only, no TensorFlow.
@@ -19,7 +27,8 @@ import contextlib
 import io
 import os
 import warnings
-from typing import Iterator, Tuple
+import zlib
+from typing import Iterator, Optional, Tuple
 
 from visiontune.components import masks
 
@@ -136,6 +145,103 @@ def _high_depth_to_rgb(img):
     return Image.fromarray(gray, mode="L").convert("RGB")
 
 
+# --------------------------------------------------------------------------
+# What TensorFlow's decoders refuse that Pillow reads
+# --------------------------------------------------------------------------
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# libpng refuses a critical chunk (upper-case first letter) with a bad CRC, and
+# any critical chunk it does not know; ancillary ones it skips, as TF does.
+_PNG_CRITICAL = (b"IHDR", b"PLTE", b"IDAT", b"IEND")
+_INFLATE_PIECE = 1 << 16  # compressed bytes per inflate call: bounds the memory held
+_TF_REFUSES = "TensorFlow's decoder refuses it"
+
+
+def tf_decoder_problem(raw: bytes, image_format: str) -> Optional[str]:
+    """Why TensorFlow's decoder would refuse a PNG or JPEG that Pillow decoded, or None.
+
+    Matches what ``tf.io.decode_image`` (libpng, libjpeg-turbo) refuses and
+    Pillow accepts (tested against TensorFlow in ``tests/test_ingest_faults.py``).
+    Costs a CRC and an inflate of a PNG's bytes, a marker scan of a JPEG's.
+    """
+    if image_format == "PNG" and raw.startswith(_PNG_SIGNATURE):
+        return _png_problem(memoryview(raw))
+    if image_format in ("JPEG", "MPO") and raw.startswith(b"\xff\xd8"):
+        return _jpeg_problem(raw)
+    return None
+
+
+def _png_problem(raw: memoryview) -> Optional[str]:
+    pos, size = len(_PNG_SIGNATURE), len(raw)
+    inflater = zlib.decompressobj()
+    while True:
+        if pos + 8 > size:
+            return f"truncated image: the PNG ends before its IEND chunk ({_TF_REFUSES})"
+        length = int.from_bytes(raw[pos:pos + 4], "big")
+        kind = bytes(raw[pos + 4:pos + 8])
+        name = kind.decode("latin-1")
+        end = pos + 8 + length
+        if end + 4 > size:
+            return f"truncated image: the PNG's {name!r} chunk runs past the end of the file ({_TF_REFUSES})"
+        if not kind[0] & 0x20:  # critical
+            if kind not in _PNG_CRITICAL:
+                return f"corrupt image: unknown critical PNG chunk {name!r} ({_TF_REFUSES})"
+            if zlib.crc32(raw[pos + 4:end]) != int.from_bytes(raw[end:end + 4], "big"):
+                return f"corrupt image: bad CRC in the PNG's {name!r} chunk ({_TF_REFUSES})"
+        if kind == b"IDAT" and not inflater.eof:
+            try:
+                for start in range(pos + 8, end, _INFLATE_PIECE):
+                    inflater.decompress(raw[start:min(end, start + _INFLATE_PIECE)])
+                    if inflater.eof:
+                        break
+            except zlib.error as e:
+                return f"corrupt image: the PNG's compressed pixels are damaged ({e}; {_TF_REFUSES})"
+        if kind == b"IEND":
+            break
+        pos = end + 4
+    if not inflater.eof:
+        return f"truncated image: the PNG's compressed pixels end early ({_TF_REFUSES})"
+    return None
+
+
+def _jpeg_problem(raw: bytes) -> Optional[str]:
+    """Walks the JPEG's markers to its end-of-image marker, as libjpeg does."""
+    truncated = f"truncated image: the JPEG ends before its end-of-image marker ({_TF_REFUSES})"
+    pos, size = 2, len(raw)
+    while True:
+        pos = raw.find(b"\xff", pos)  # libjpeg skips (with a warning) bytes before a marker
+        while 0 <= pos < size and raw[pos] == 0xFF:  # fill bytes
+            pos += 1
+        if pos < 0 or pos >= size:
+            return truncated
+        marker = raw[pos]
+        pos += 1
+        if marker == 0xD9:  # EOI: TF stops here, whatever follows (MPO's other images)
+            return None
+        if marker == 0x00 or marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            continue  # stuffed byte, TEM, RSTn: no length
+        if pos + 2 > size:
+            return truncated
+        pos += (raw[pos] << 8) | raw[pos + 1]
+        if pos > size:
+            return truncated
+        if marker == 0xDA:  # SOS: entropy-coded data up to the next real marker
+            while True:
+                pos = raw.find(b"\xff", pos)
+                if pos < 0 or pos + 1 >= size:
+                    return truncated
+                following = raw[pos + 1]
+                if following == 0xFF:  # fill byte
+                    pos += 1
+                elif following < 0xC0 or 0xD0 <= following <= 0xD7:
+                    # FF00 (a stuffed FF), RSTn, or no marker at all: libjpeg
+                    # discards those at a restart (and Pillow, on the same
+                    # libjpeg, refused the file if it could not).
+                    pos += 2
+                else:
+                    break
+
+
 def encode_image(path: str, max_file_bytes: int, max_pixels: int) -> Tuple[bytes, str, int, int]:
     """(encoded bytes, "png"/"jpeg", height, width) of an image fit for TF.
 
@@ -146,6 +252,10 @@ def encode_image(path: str, max_file_bytes: int, max_pixels: int) -> Tuple[bytes
     raw = _read_checked(path, max_file_bytes)
     with _strict_pillow():
         img = _open_checked(raw, max_pixels)
+        # Whether kept or re-encoded: a file TF's decoder refuses is damaged.
+        problem = tf_decoder_problem(raw, img.format)
+        if problem:
+            raise ImageRejected(problem)
         if _keeps_original_bytes(img):
             fmt = "png" if img.format == "PNG" else "jpeg"
             return raw, fmt, img.height, img.width

@@ -18,6 +18,11 @@ Two classification input layouts are accepted (the same for the main and the tes
 Segmentation sources hold image/mask pairs instead, paired by
 ``components.masks.list_pairs``.
 
+Never listed: hidden files and folders (counted in ``Hidden``), links leaving
+their class folder (``cat/x -> ../dog`` would label dogs "cat") and CSV rows
+naming paths outside the source (both rejects).  Class names are single lines
+without control characters, no two alike up to NFC/NFD or surrounding spaces.
+
 Splits are decided by a hash of each file's relative path (or of the group
 ``data.split_group_regex`` finds in it), so adding images never moves an
 existing image between train and eval.  Without ``data.classes`` the classes
@@ -26,13 +31,16 @@ are every label found, in natural order ("class2" before "class10").
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import functools
 import glob
 import hashlib
 import os
 import re
-from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
+import unicodedata
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from visiontune.components import masks
 from visiontune.errors import UserError
@@ -62,6 +70,21 @@ class _Item:
     label: str
     split: str
     mask: str = ""  # segmentation: the mask file paired with the image
+
+
+@dataclasses.dataclass
+class Hidden:
+    """Hidden files and folders (names starting with "."), skipped unread but counted."""
+
+    files: int = 0
+    folders: int = 0
+
+    def count(self, is_dir: bool) -> None:
+        self.folders, self.files = self.folders + is_dir, self.files + (not is_dir)
+
+    def describe(self) -> str:
+        return " and ".join(f"{n} hidden {what}{'' if n == 1 else 's'}"
+                            for n, what in ((self.files, "file"), (self.folders, "folder")) if n)
 
 
 # --------------------------------------------------------------------------
@@ -107,30 +130,17 @@ def split_key(relpath: str, group_regex: str = "") -> str:
     return relpath
 
 
-def segmentation_classes(data: "DataConfig", segmentation: "SegmentationConfig") -> List[str]:
-    """Class names of a segmentation dataset: ``data.classes``, else background/foreground."""
-    from visiontune.configs import SEGMENTATION_CLASSES
-    count = len(segmentation.class_values)
-    if data.classes:
-        if len(data.classes) != count:
-            raise PrepareError(f"data.classes names {len(data.classes)} classes but "
-                               f"segmentation.class_values maps {count}")
-        return list(data.classes)
-    if count != len(SEGMENTATION_CLASSES):
-        raise PrepareError(f"segmentation.class_values maps {count} classes: name them in data.classes")
-    return list(SEGMENTATION_CLASSES)
-
-
 # --------------------------------------------------------------------------
 # Finding the images
 # --------------------------------------------------------------------------
 
 
 def _collect_items(data: "DataConfig", segmentation: Optional["SegmentationConfig"] = None
-                   ) -> Tuple[List[_Item], List[Tuple[str, str]]]:
-    """All candidate images with their split, and the files already known to be bad."""
+                   ) -> Tuple[List[_Item], List[Tuple[str, str]], Hidden]:
+    """All candidate images with their split, the files already known to be bad, and the hidden ones."""
     items: List[_Item] = []
     rejects: List[Tuple[str, str]] = []
+    hidden = Hidden()
     sources = [(data.source, data.labels_csv, None)]
     if data.test_source:
         sources.append((data.test_source, data.test_labels_csv, TEST))
@@ -141,10 +151,13 @@ def _collect_items(data: "DataConfig", segmentation: Optional["SegmentationConfi
                                f"{source}: data source is not a folder")
         mask_of: Dict[str, str] = {}
         if segmentation is not None:
+            def is_listed(name: str) -> bool:  # of files: hidden ones are counted
+                hidden.files += _is_hidden(name)
+                return not _is_skipped_file(name)
             try:
                 pairs, bad = masks.list_pairs(source, segmentation.image_dir, segmentation.mask_dir,
                                               segmentation.mask_regex, segmentation.mask_template,
-                                              lambda name: not _is_skipped_file(name))
+                                              is_listed)
             except FileNotFoundError as e:
                 raise PrepareError(str(e)) from None
             found = [(path, relpath, "") for path, relpath, _ in pairs]
@@ -152,46 +165,149 @@ def _collect_items(data: "DataConfig", segmentation: Optional["SegmentationConfi
         elif labels_csv:
             found, bad = _list_csv_source(source, labels_csv, data)
         else:
-            found, bad = _list_tree_source(source)
+            found, bad = _list_tree_source(source, hidden)
         rejects.extend(bad)
         for path, relpath, label in found:
             key = split_key(relpath, data.split_group_regex)
             item_split = split or (EVAL if split_fraction(key) < data.eval_fraction else TRAIN)
             items.append(_Item(path, relpath, label, item_split, mask_of.get(path, "")))
-    return items, rejects
+    return items, rejects, hidden
+
+
+def _inside(path: str, root: str) -> bool:
+    """Whether real path ``path`` is ``root`` or below it."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _list_tree_source(source: str) -> Tuple[List[Tuple[str, str, str]], List[Tuple[str, str]]]:
+def _list_tree_source(source: str, hidden: Hidden
+                      ) -> Tuple[List[Tuple[str, str, str]], List[Tuple[str, str]]]:
     """(path, relpath, label) for every file under a class-per-folder tree.
 
-    CSV and hidden files are skipped as obviously not images; every other
-    file is listed, so a stray ``notes.txt`` shows up as a reject rather than
-    vanishing.  Files directly in ``source`` have no class and are rejected.
+    CSV files are skipped, hidden ones counted in ``hidden``; every other file
+    is listed, so a stray ``notes.txt`` is a reject rather than vanishing.
+    Files directly in ``source`` have no class and are rejected.
     """
-    found: List[Tuple[str, str, str]] = []
     rejects: List[Tuple[str, str]] = []
     class_dirs = []
     for name in sorted(os.listdir(source)):
         full = os.path.join(source, name)
         if _is_hidden(name):
-            continue
-        if os.path.isdir(full):
+            hidden.count(os.path.isdir(full))
+        elif os.path.isdir(full):
+            problem = label_problem(name)
+            if problem:
+                raise PrepareError(f"{full}: class folder name {name!r} {problem}")
             class_dirs.append(name)
         elif not _is_skipped_file(name):
             rejects.append((full, "not inside a class folder (expected source/<class>/<image>)"))
     if not class_dirs:
         raise PrepareError(f"{source}: no class folders (expected {source}/<class>/<image>); "
                            "set data.labels_csv if the labels are in CSV files")
+    check_distinct_labels(class_dirs, "class folders")
     paths = _PathResolver(source)
-    for label in class_dirs:
-        class_root = os.path.join(source, label)
-        for path in _walk_files(class_root):
-            found.append((path, paths.rel(path), label))
+    walker = _ClassTreeWalker(source, class_dirs, hidden, rejects)
+    found = [(path, paths.rel(path), label) for label in class_dirs for path in walker.files(label)]
     return found, rejects
+
+
+class _ClassTreeWalker:
+    """Files below each class folder, each real folder and file once, no link out of its class.
+
+    A class folder may be a link (assembled datasets): its real path is its
+    root; no two roots overlap.  Below it a link is followed only into the
+    source or its own root, not into another root nor to a folder holding a
+    root (a loop), nor to what is listed anyway; each one not followed is a reject.
+    """
+
+    def __init__(self, source: str, class_dirs: Sequence[str], hidden: Hidden,
+                 rejects: List[Tuple[str, str]]):
+        self._source, self._source_real = source, os.path.realpath(source)
+        self._roots = {label: os.path.realpath(os.path.join(source, label)) for label in class_dirs}
+        self._hidden, self._rejects = hidden, rejects
+        self._seen: Tuple[Dict[str, str], Dict[str, str]] = ({}, {})  # files, folders: real -> path
+        self._label_of: Dict[str, str] = {}  # class root -> label
+        for label, root in sorted(self._roots.items(), key=lambda kv: (len(kv[1]), kv[0])):
+            outer = _root_holding(root, self._label_of)
+            if outer is not None:
+                raise PrepareError(
+                    f"class folders {self._label_of[outer]!r} and {label!r} are the same folder or one "
+                    f"holds the other ({outer} and {root}): their images would get both labels")
+            self._label_of[root] = label
+
+    def files(self, label: str) -> Iterator[str]:
+        top = os.path.join(self._source, label)
+        self._seen[1][self._roots[label]] = top
+        yield from self._walk(top, self._roots[label], label)
+
+    def _walk(self, folder: str, real: str, label: str, linked: bool = False) -> Iterator[str]:
+        """As ``os.walk`` top-down, sorted; plain files are remembered only below a folder link."""
+        try:
+            with os.scandir(folder) as entries:
+                listed = sorted((e.name, e.is_symlink(), _is_dir(e)) for e in entries)
+        except OSError as e:
+            self._rejects.append((folder, f"cannot list folder: {e.strerror}"))
+            return
+        for entries in ([e for e in listed if not e[2]], [e for e in listed if e[2]]):
+            for name, is_link, is_dir in entries:
+                if _is_hidden(name):
+                    self._hidden.count(is_dir)
+                    continue
+                path = os.path.join(folder, name)
+                if not (is_dir or is_link or linked):  # the common case: a plain file
+                    if not _is_skipped_file(name):
+                        yield path
+                    continue
+                if not is_dir and _is_skipped_file(name):
+                    continue
+                target = os.path.realpath(path) if is_link else os.path.join(real, name)
+                problem = self._link_problem(target, label, is_dir) if is_link else None
+                seen = self._seen[is_dir]
+                if problem is None and target in seen:
+                    problem = (f"link to {seen[target]}, a folder listed already: not followed" if is_dir
+                               else f"the same file as {seen[target]} (one is a link): listed once")
+                if problem:
+                    self._rejects.append((path, problem))
+                    continue
+                seen[target] = path
+                if is_dir:
+                    yield from self._walk(path, target, label, linked or is_link)
+                else:
+                    yield path
+
+    def _link_problem(self, target: str, label: str, is_dir: bool) -> Optional[str]:
+        if not (_inside(target, self._source_real) or _inside(target, self._roots[label])):
+            return f"link to {target}, outside the source folder: not followed"
+        other = _root_holding(target, self._label_of)
+        if other is not None and self._label_of[other] != label:
+            return (f"link into the folder of class {self._label_of[other]!r} ({target}): not followed, "
+                    f"its images would get the label {label!r}")
+        held = sorted(c for c, r in self._roots.items() if is_dir and _inside(r, target))
+        if held:
+            return f"link to {target}, which holds the class folder {held[0]!r} (a loop): not followed"
+        below = os.path.relpath(target, self._roots[label]).split(os.sep)
+        if _inside(target, self._roots[label]) and not any(map(_is_hidden, below)):
+            return f"link to {target}, which is listed itself: not followed"
+        return None
+
+
+def _root_holding(path: str, roots: Dict[str, str]) -> Optional[str]:
+    """The key of ``roots`` that real path ``path`` is, or is inside, if any."""
+    while path not in roots:
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+    return path
+
+
+def _is_dir(entry: "os.DirEntry") -> bool:
+    with contextlib.suppress(OSError):
+        return entry.is_dir()  # follows links, as os.walk does
+    return False
 
 
 class _PathResolver:
@@ -234,42 +350,37 @@ class _PathResolver:
                                      os.path.realpath(folder or "."))
         return self._listing[folder]
 
-    def find(self, filename: str, bases: Sequence[str]) -> Optional[Tuple[str, str, str]]:
-        """(path, real path, relpath) of ``filename`` in the first of ``bases`` holding it as a file."""
+    def find(self, filename: str, bases: Sequence[str]
+             ) -> Tuple[Optional[Tuple[str, str, str]], int, str]:
+        """((path, real path, relpath) or None, folders looked in, first path outside the source).
+
+        The first of ``bases`` holding ``filename`` as a file wins; a base where it
+        would be outside the source (``../``, an absolute path) is never looked in.
+        """
         plain = os.sep not in filename and not (os.altsep and os.altsep in filename) \
             and "/" not in filename and filename not in (".", "..")
+        looked, outside = 0, ""
         for base in bases:
             if plain:  # the common case: no need to normalise the joined path
                 folder, name = os.path.normpath(base), filename
                 folder = "" if folder == "." else folder
             else:
                 folder, name = os.path.split(os.path.normpath(os.path.join(base, filename)))
+            prefix = self._rel_prefix(folder)
+            if prefix.startswith("../"):
+                outside = outside or os.path.join(folder, name)
+                continue
+            looked += 1
             files, links, real_folder = self._listed(folder)
             if name in files:
                 path = os.path.join(folder, name)
                 real = os.path.realpath(path) if name in links else os.path.join(real_folder, name)
-                return path, real, self._rel_prefix(folder) + name
-        return None
+                return (path, real, prefix + name), looked, outside
+        return None, looked, outside
 
 
 def _is_skipped_file(name: str) -> bool:
     return _is_hidden(name) or name.lower().endswith(".csv")
-
-
-def _walk_files(root: str) -> Iterator[str]:
-    """Files below ``root`` in sorted order, without hidden files and folders.
-
-    Linked folders are followed (datasets are often assembled from links),
-    each real folder once, so a link cycle cannot loop forever.
-    """
-    visited = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        visited.add(os.path.realpath(dirpath))
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d)
-                             and os.path.realpath(os.path.join(dirpath, d)) not in visited)
-        for name in sorted(filenames):
-            if not _is_skipped_file(name):
-                yield os.path.join(dirpath, name)
 
 
 def _list_csv_source(source: str, labels_csv: str, data: "DataConfig"
@@ -291,15 +402,20 @@ def _list_csv_source(source: str, labels_csv: str, data: "DataConfig"
                 rejects.append((csv_path, f"{where}: empty {data.filename_column}"))
                 continue
             # Next to the CSV first (GTSRB train), else under ``source``.
-            found_at = paths.find(filename, (os.path.dirname(csv_path), source))
+            found_at, looked, outside = paths.find(filename, (os.path.dirname(csv_path), source))
             if found_at is None:
+                if not looked:
+                    rejects.append((outside, f"{data.filename_column} {filename!r} in {where} is outside "
+                                             f"the source folder {source}: refused"))
+                    continue
                 rejects.append((os.path.join(os.path.dirname(csv_path), filename),
-                                f"file listed in {where} not found (looked next to the CSV "
-                                f"and in {source})"))
+                                f"file listed in {where} not found (looked "
+                                f"{'next to the CSV and ' if looked > 1 else ''}in {source})"))
                 continue
             path, key, relpath = found_at
-            if not label or "\n" in label or "\r" in label:
-                rejects.append((path, f"{where}: label {label!r} is empty or not a single line"))
+            problem = label_problem(label)
+            if problem:
+                rejects.append((path, f"{where}: label {label!r} {problem}"))
                 continue
             if key in seen:
                 first_csv, first_label = seen[key]
@@ -331,11 +447,42 @@ def _read_label_rows(csv_path: str, data: "DataConfig") -> Iterator[Tuple[str, s
             yield cells[fi].strip(), cells[li].strip(), reader.line_num
 
 
+@functools.lru_cache(maxsize=1024)  # per CSV row: labels repeat
+def label_problem(label: str) -> Optional[str]:
+    """What makes ``label`` unusable as a class name (a line of ``classes.txt``), or None."""
+    if not label.strip():
+        return "is empty"
+    for char in label:
+        category = unicodedata.category(char)
+        if category == "Cs":  # a byte of a file name that is not UTF-8 (surrogateescape)
+            return "is not valid UTF-8"
+        if category in ("Cc", "Zl", "Zp"):
+            return f"holds a control character (U+{ord(char):04X}): class names must be single lines"
+    return None
+
+
+def check_distinct_labels(labels: Iterable[str], what: str = "labels") -> None:
+    """Refuses two names that differ only by Unicode normalisation (NFC/NFD) or surrounding spaces.
+
+    A folder copied from macOS (NFD) next to one typed elsewhere (NFC) looks
+    like one class and would silently become two.
+    """
+    first: Dict[str, str] = {}
+    for label in labels:
+        key = unicodedata.normalize("NFC", label.strip())
+        other = first.setdefault(key, label)
+        if other != label:
+            raise PrepareError(f"{what} {ascii(other)} and {ascii(label)} differ only by Unicode "
+                               "normalisation (NFC/NFD) or surrounding spaces: rename one")
+
+
 def _choose_classes(data: "DataConfig", items: Sequence[_Item]) -> List[str]:
-    """The given class list, else every label found, sorted naturally."""
+    """The given class list, else every label found (no two alike), sorted naturally."""
     if data.classes:
         return list(data.classes)
-    return sorted({item.label for item in items}, key=natural_key)
+    labels = sorted({item.label for item in items}, key=natural_key)
+    check_distinct_labels(labels, "class names")
+    return labels
 
 
 def _drop_unknown_labels(items: List[_Item], classes: Sequence[str], explicit: bool
@@ -343,7 +490,10 @@ def _drop_unknown_labels(items: List[_Item], classes: Sequence[str], explicit: b
     if not explicit:
         return items, []
     known = set(classes)
-    kept = [i for i in items if i.label in known]
-    rejects = [(i.path, f"label {i.label!r} is not in data.classes") for i in items
-               if i.label not in known]
-    return kept, rejects
+    alike = {unicodedata.normalize("NFC", c.strip()): c for c in classes}
+    rejects = []
+    for item in (i for i in items if i.label not in known):
+        near = alike.get(unicodedata.normalize("NFC", item.label.strip()))
+        hint = f" (it differs from {ascii(near)} only by Unicode normalisation or spaces)" if near else ""
+        rejects.append((item.path, f"label {item.label!r} is not in data.classes{hint}"))
+    return [i for i in items if i.label in known], rejects

@@ -28,31 +28,52 @@ and the summary, reading them back); the steps live in their own modules:
 * ``components.example_records``: ``tf.train.Example`` and TFRecord bytes
   without TensorFlow;
 * ``components.shard_writer``: the worker pool and the ordered shard writes.
+
+The output folder holds only what ingest writes (``classes.txt``,
+``rejects.csv``, ``summary.json``, ``SPLIT/images-*.tfrecord``); a folder is
+replaced only when its ``summary.json`` is ours, and then only our files go:
+anything else in it is moved into the new dataset.  A run that fails, or is
+stopped by SIGINT, SIGTERM or SIGHUP, removes its temporary folder and leaves
+the previous dataset as it was; one killed outright (SIGKILL) leaves it for
+the next run into the same output to remove.  An empty split, a single class
+or a test source that is the training source is an error, not a dataset.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import glob
 import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from visiontune import features
 from visiontune.components import masks
+from visiontune.components.dataset_folder import (
+    METADATA_FILES,
+    SPLIT_DIRS,
+    foreign_entries,
+    remove_ours,
+    signals_deferred,
+    stop_signals_raise,
+    temporary_folder,
+)
 from visiontune.components.image_listing import (
     EVAL,
     TEST,
     TRAIN,
+    Hidden,
     PrepareError,
     _choose_classes,
     _collect_items,
     _drop_unknown_labels,
-    segmentation_classes,
+    _inside,
+    check_distinct_labels,
+    label_problem,
 )
 from visiontune.components.shard_writer import _write_shards
 
@@ -60,6 +81,7 @@ if TYPE_CHECKING:  # pragma: no cover - only for type checkers
     from visiontune.configs import DataConfig, SegmentationConfig
 
 _SUMMARY_REJECTS_SHOWN = 5
+_OUR_NAMES = SPLIT_DIRS + METADATA_FILES
 
 
 @dataclasses.dataclass
@@ -76,6 +98,8 @@ class PrepareResult:
     # are the images per split (classification: the sum of ``counts``).
     totals: Dict[str, int] = dataclasses.field(default_factory=dict)
     task: str = "classification"
+    # Hidden files and folders (names starting with "."): skipped unread, counted.
+    hidden: Hidden = dataclasses.field(default_factory=Hidden)
 
     def summary(self) -> str:
         """A table a person reads after a run to see that nothing went missing."""
@@ -101,6 +125,8 @@ class PrepareResult:
             lines.append(f"  {path}: {reason}")
         if len(self.rejects) > _SUMMARY_REJECTS_SHOWN:
             lines.append(f"  ... and {len(self.rejects) - _SUMMARY_REJECTS_SHOWN} more")
+        if self.hidden.files or self.hidden.folders:
+            lines.append(f"Skipped {self.hidden.describe()} (names starting with '.': not read)")
         return "\n".join(lines)
 
 
@@ -118,13 +144,16 @@ def prepare_dataset(data: "DataConfig", output_dir: Optional[str] = None,
 
     The output folder is built under a temporary name next to ``output_dir``
     and renamed into place at the end, so a killed run never leaves a folder
-    that looks like a finished dataset, and a re-run replaces the old one.
+    that looks like a finished dataset, and a re-run replaces the old one
+    (our files of it: see ``_replace_dir``).  Raises ``PrepareError`` before
+    touching the old dataset when the new one would be unusable.
     """
     output_dir = output_dir or data.prepared_dir
     if not output_dir:
         raise PrepareError("no output folder: set data.prepared_dir or pass output_dir")
     _check_settings(data, segmentation)
-    items, rejects = _collect_items(data, segmentation)
+    _check_sources_apart(data)
+    items, rejects, hidden = _collect_items(data, segmentation)
     if segmentation is not None:
         classes = segmentation_classes(data, segmentation)
     else:
@@ -133,28 +162,24 @@ def prepare_dataset(data: "DataConfig", output_dir: Optional[str] = None,
         rejects.extend(label_rejects)
     if not items:
         raise PrepareError(_no_images_message(data, rejects))
+    splits = [TRAIN, EVAL] + ([TEST] if data.test_source else [])
+    task = "segmentation" if segmentation is not None else "classification"
+    _check_listed(data, items, classes, task, rejects)
     _check_output_dir(output_dir, data)
 
-    splits = [TRAIN, EVAL] + ([TEST] if data.test_source else [])
     counts = {s: {c: 0 for c in classes} for s in splits}
     totals = {s: 0 for s in splits}
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output_dir))}.tmp-",
-                               dir=parent)
-    try:
+    with stop_signals_raise(), temporary_folder(output_dir) as tmp_dir:
         encode_rejects = _write_shards(tmp_dir, items, splits, data, counts, progress, classes,
                                        segmentation, totals)
         rejects.extend(encode_rejects)
-        task = "segmentation" if segmentation is not None else "classification"
+        _check_written(output_dir, data, items, encode_rejects, counts, totals, task)
         _write_metadata(tmp_dir, classes, counts, rejects, settings_fingerprint(data, segmentation),
-                        totals, task)
-        _replace_dir(tmp_dir, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+                        totals, task, hidden)
+        with signals_deferred():
+            _replace_dir(tmp_dir, output_dir)
     return PrepareResult(output_dir=output_dir, classes=classes, counts=counts, rejects=rejects,
-                         totals=totals, task=task)
+                         totals=totals, task=task, hidden=hidden)
 
 
 def read_classes(prepared_dir: str) -> List[str]:
@@ -186,13 +211,23 @@ def is_prepared(prepared_dir: str, data: Optional["DataConfig"] = None,
     With ``data``, also whether it was prepared with these settings: a changed
     ``eval_fraction`` or source must not silently reuse the old split.
     """
-    path = os.path.join(prepared_dir, features.SUMMARY_FILE)
-    if not os.path.isfile(path):
+    summary = _our_summary(prepared_dir)
+    if summary is None:
         return False
-    if data is None:
-        return True
-    with open(path, encoding="utf-8") as f:
-        return json.load(f).get("settings") == settings_fingerprint(data, segmentation)
+    return data is None or summary.get("settings") == settings_fingerprint(data, segmentation)
+
+
+def _our_summary(folder: str) -> Optional[Dict[str, Any]]:
+    """``folder``'s ``summary.json`` if ``prepare_dataset`` wrote it (its keys, since the first), else None."""
+    try:
+        with open(os.path.join(folder, features.SUMMARY_FILE), encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if (isinstance(summary, dict) and isinstance(summary.get("settings", ""), str)
+            and isinstance(summary.get("classes"), list) and isinstance(summary.get("counts"), dict)):
+        return summary
+    return None
 
 
 def load_result(prepared_dir: str) -> PrepareResult:
@@ -206,7 +241,8 @@ def load_result(prepared_dir: str) -> PrepareResult:
             rejects = [(row["file"], row["reason"]) for row in csv.DictReader(f)]
     return PrepareResult(output_dir=prepared_dir, classes=read_classes(prepared_dir),
                          counts=summary["counts"], rejects=rejects, totals=summary.get("totals", {}),
-                         task=summary.get("task", "classification"))
+                         task=summary.get("task", "classification"),
+                         hidden=Hidden(**summary.get("hidden", {})))
 
 
 # --------------------------------------------------------------------------
@@ -236,14 +272,107 @@ def _check_settings(data: "DataConfig", segmentation: Optional["SegmentationConf
     duplicates = sorted({c for c in data.classes if data.classes.count(c) > 1})
     if duplicates:
         raise PrepareError(f"data.classes lists {', '.join(duplicates)} more than once")
-    bad = [c for c in data.classes if not c or "\n" in c or "\r" in c]
-    if bad:
-        raise PrepareError(f"data.classes: class names must be non-empty single lines, got {bad!r}")
+    for name in data.classes:
+        problem = label_problem(name)
+        if problem:
+            raise PrepareError(f"data.classes: class name {name!r} {problem}")
+    check_distinct_labels(data.classes, "data.classes names")
 
 
-def _no_images_message(data: "DataConfig", rejects: Sequence[Tuple[str, str]]) -> str:
-    where = data.source + (f" and {data.test_source}" if data.test_source else "")
-    message = f"{where}: no images found"
+def segmentation_classes(data: "DataConfig", segmentation: "SegmentationConfig") -> List[str]:
+    """Class names of a segmentation dataset: ``data.classes``, else background/foreground."""
+    from visiontune.configs import SEGMENTATION_CLASSES
+    count = len(segmentation.class_values)
+    if data.classes:
+        if len(data.classes) != count:
+            raise PrepareError(f"data.classes names {len(data.classes)} classes but "
+                               f"segmentation.class_values maps {count}")
+        return list(data.classes)
+    if count != len(SEGMENTATION_CLASSES):
+        raise PrepareError(f"segmentation.class_values maps {count} classes: name them in data.classes")
+    return list(SEGMENTATION_CLASSES)
+
+
+def _check_sources_apart(data: "DataConfig") -> None:
+    """Refuses a test source that is (or holds, or is inside) the training source.
+
+    Its images would be scored as test images after being trained on.  One
+    folder may serve both only through two different label CSVs.
+    """
+    if not (data.test_source and os.path.isdir(data.source) and os.path.isdir(data.test_source)):
+        return  # listing says what is missing
+    train, test = os.path.realpath(data.source), os.path.realpath(data.test_source)
+    if train == test:
+        if data.labels_csv and data.test_labels_csv and (
+                _csv_files(data.source, data.labels_csv) != _csv_files(data.test_source, data.test_labels_csv)):
+            return
+        raise PrepareError(f"data.test_source {data.test_source} is the training source {data.source} "
+                           f"({train}): test images must not be training images")
+    for inner, outer, outer_csv in ((test, data.source, data.labels_csv),
+                                    (train, data.test_source, data.test_labels_csv)):
+        if not outer_csv and _inside(inner, os.path.realpath(outer)):
+            raise PrepareError(f"data.test_source {data.test_source} and data.source {data.source} "
+                               f"overlap ({inner} is inside the class folder tree {outer}): "
+                               "test images must not be training images")
+
+
+def _csv_files(source: str, labels_csv: str) -> List[str]:
+    pattern = labels_csv if os.path.isabs(labels_csv) else os.path.join(source, labels_csv)
+    return sorted(os.path.realpath(p) for p in glob.glob(pattern))
+
+
+def _required_splits(data: "DataConfig") -> List[str]:
+    """Splits that must not be empty: eval unless ``eval_fraction`` is 0, test when given."""
+    return [TRAIN] + ([EVAL] if data.eval_fraction > 0 else []) + ([TEST] if data.test_source else [])
+
+
+def _check_listed(data: "DataConfig", items, classes: Sequence[str], task: str,
+                  rejects: Sequence[Tuple[str, str]]) -> None:
+    """Refuses, before any image is read, a dataset with an empty split or a single class."""
+    if task == "classification" and len(classes) < 2:
+        raise PrepareError(f"{data.source}: only one class ({', '.join(map(repr, classes))}): "
+                           "classification needs at least 2 (class folders, or labels in the CSV)")
+    for split in _required_splits(data):
+        listed = sum(1 for i in items if i.split == split)
+        if listed:
+            continue
+        if split == TEST:
+            raise PrepareError(_no_images_message(data, rejects, data.test_source, "for the test split"))
+        other = sum(1 for i in items if i.split != TEST)
+        raise PrepareError(
+            f"{data.source}: the {split} split would be empty: none of the {other} image(s) "
+            f"falls in it at data.eval_fraction={data.eval_fraction}"
+            + (" (by the groups of data.split_group_regex)" if data.split_group_regex else "")
+            + "; add images or change data.eval_fraction")
+    if task == "classification":
+        trained = {i.label for i in items if i.split == TRAIN}
+        if len(trained) < 2:
+            raise PrepareError(f"{data.source}: only class {', '.join(map(repr, sorted(trained)))} has "
+                               "training images: classification needs at least 2")
+
+
+def _check_written(output_dir: str, data: "DataConfig", items, encode_rejects: Sequence[Tuple[str, str]],
+                   counts: Dict[str, Dict[str, int]], totals: Dict[str, int], task: str) -> None:
+    """Refuses a dataset whose images of a split, or of all classes but one, were all rejected."""
+    kept = f"; {output_dir} is left as it was"
+    split_of = {i.path: i.split for i in items}
+    for split in _required_splits(data):
+        if not totals[split]:
+            first = next((r for r in encode_rejects if split_of.get(r[0]) == split), ("?", "?"))
+            listed = sum(1 for i in items if i.split == split)
+            raise PrepareError(f"no image of the {split} split could be used: all {listed} were rejected "
+                               f"(first: {first[0]}: {first[1]}){kept}")
+    trained = [c for c, n in counts[TRAIN].items() if n]
+    if task == "classification" and len(trained) < 2:
+        raise PrepareError(f"only class {', '.join(map(repr, trained))} has training images left after "
+                           f"rejecting {len(encode_rejects)} unusable file(s): classification needs "
+                           f"at least 2{kept}")
+
+
+def _no_images_message(data: "DataConfig", rejects: Sequence[Tuple[str, str]],
+                       where: str = "", purpose: str = "") -> str:
+    where = where or data.source + (f" and {data.test_source}" if data.test_source else "")
+    message = f"{where}: no images found" + (f" {purpose}" if purpose else "")
     if rejects:
         message += (f"; {len(rejects)} file(s) rejected, first: "
                     f"{rejects[0][0]}: {rejects[0][1]}")
@@ -264,13 +393,17 @@ def _check_output_dir(output_dir: str, data: "DataConfig") -> None:
         if not labels_csv and out.startswith(src + os.sep):
             raise PrepareError(f"{output_dir}: output folder is inside the class folder tree "
                                f"{source}; the next run would read it as images")
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not (
-            os.path.exists(os.path.join(output_dir, features.SUMMARY_FILE))
-            or os.path.exists(os.path.join(output_dir, features.CLASSES_FILE))):
-        raise PrepareError(f"{output_dir}: exists and is not a prepared dataset (no {features.SUMMARY_FILE}); "
-                           "refusing to replace it")
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
         raise PrepareError(f"{output_dir}: exists and is not a folder")
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        if _our_summary(output_dir) is None:
+            raise PrepareError(f"{output_dir}: exists and is not a prepared dataset (no {features.SUMMARY_FILE} "
+                               "written by visiontune prepare); refusing to replace it")
+        stuck = [n for n in foreign_entries(output_dir) if n.split("/")[0] in _OUR_NAMES]
+        if stuck:
+            raise PrepareError(f"{os.path.join(output_dir, stuck[0])}: not written by visiontune prepare, "
+                               "where the new dataset's files go (ExampleGen reads every file of a split "
+                               "folder); move it away: refusing to delete it")
 
 
 # --------------------------------------------------------------------------
@@ -280,7 +413,7 @@ def _check_output_dir(output_dir: str, data: "DataConfig") -> None:
 
 def _write_metadata(out_dir: str, classes: Sequence[str], counts: Dict[str, Dict[str, int]],
                     rejects: Sequence[Tuple[str, str]], settings: str,
-                    totals: Dict[str, int], task: str) -> None:
+                    totals: Dict[str, int], task: str, hidden: Hidden) -> None:
     with open(os.path.join(out_dir, features.CLASSES_FILE), "w", encoding="utf-8", newline="\n") as f:
         f.writelines(f"{c}\n" for c in classes)
     with open(os.path.join(out_dir, features.REJECTS_FILE), "w", encoding="utf-8", newline="") as f:
@@ -295,25 +428,37 @@ def _write_metadata(out_dir: str, classes: Sequence[str], counts: Dict[str, Dict
         "settings": settings,
         "task": task,
     }
+    if hidden.files or hidden.folders:  # only then: summary.json stays as it was without any
+        summary["hidden"] = dataclasses.asdict(hidden)
     with open(os.path.join(out_dir, features.SUMMARY_FILE), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2, ensure_ascii=False)
         f.write("\n")
 
 
 def _replace_dir(tmp_dir: str, output_dir: str) -> None:
-    """Moves the finished folder into place; the old one goes only once the new one is there."""
+    """Moves the finished folder into place; the old one goes only once the new one is there.
+
+    Entries of the old folder that ingest did not write move into the new one;
+    then only our own files of the old dataset are deleted.
+    """
     os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private; a dataset is meant to be shared
-    old = None
-    if os.path.exists(output_dir):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output_dir))}.old-",
-                               dir=os.path.dirname(os.path.abspath(output_dir)))
-        os.rmdir(old)
-        os.rename(output_dir, old)
+    if not os.path.lexists(output_dir):
+        os.rename(tmp_dir, output_dir)
+        return
+    carried = [n for n in foreign_entries(output_dir) if "/" not in n]
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output_dir))}.old-",
+                           dir=os.path.dirname(os.path.abspath(output_dir)))
+    os.rmdir(old)
+    os.rename(output_dir, old)
+    moved: List[str] = []
     try:
+        for name in carried:
+            os.rename(os.path.join(old, name), os.path.join(tmp_dir, name))
+            moved.append(name)
         os.rename(tmp_dir, output_dir)
     except BaseException:
-        if old:
-            os.rename(old, output_dir)
+        for name in moved:
+            os.rename(os.path.join(tmp_dir, name), os.path.join(old, name))
+        os.rename(old, output_dir)
         raise
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    remove_ours(old)

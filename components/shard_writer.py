@@ -11,19 +11,30 @@ and each file's shard is a hash of its path, so the same inputs give
 byte-identical shards whatever the worker count and timing: TFX's cache keys
 on input fingerprints, so a re-run of prepare on unchanged data must not
 invalidate the whole pipeline.
+
+No worker outlives a stopped run: the workers ignore SIGINT (the parent
+handles it), are terminated when the parent stops, and die with it
+(``PR_SET_PDEATHSIG``, else a watchdog thread) when it is killed outright.
+The folder they write into is ``dataset_folder``'s concern.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import concurrent.futures.process
+import contextlib
 import hashlib
+import logging
 import multiprocessing
 import os
+import signal
 import sys
+import threading
+import time
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from visiontune.components import masks
+from visiontune.components.dataset_folder import STOP_SIGNALS, shard_name
 from visiontune.components.example_records import frame_record, serialize_example
 from visiontune.components.image_encoding import ImageRejected, _describe, encode_image, encode_mask_file
 from visiontune.components.image_listing import PrepareError, _Item
@@ -31,7 +42,6 @@ from visiontune.components.image_listing import PrepareError, _Item
 if TYPE_CHECKING:  # pragma: no cover - only for type checkers
     from visiontune.configs import DataConfig, SegmentationConfig
 
-SHARD_PREFIX = "images"
 
 # Items per task sent to a worker: big enough to amortise pickling, small
 # enough that the progress bar moves and the work spreads evenly.
@@ -39,6 +49,8 @@ _MAX_CHUNK = 64
 # Tasks in flight per worker: bounds the serialised images held in memory
 # while one slow chunk blocks the ordered write.
 _TASKS_PER_WORKER = 4
+
+_log = logging.getLogger(__name__)
 
 
 def shard_index(relpath: str, num_shards: int) -> int:
@@ -94,6 +106,30 @@ def _encode_chunk(task: Tuple[Sequence[Tuple[str, str, str, str, str, int]], int
     return {key: b"".join(records) for key, records in framed.items()}, outcomes
 
 
+def _worker_init(parent_pid: int) -> None:
+    """Pool worker start-up: the parent alone handles Ctrl-C, and a worker dies with its parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in STOP_SIGNALS:  # forked workers inherit the parent's handlers
+        signal.signal(signum, signal.SIG_DFL)
+    watch = True
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            watch = ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) != 0  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before that
+        os._exit(1)
+    if watch:
+        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
+
+
 # --------------------------------------------------------------------------
 # Parent side: the pool and the ordered writes
 # --------------------------------------------------------------------------
@@ -128,8 +164,8 @@ def _ordered_results(tasks: Sequence, workers: int) -> Iterator[_ChunkResult]:
         return
     context = multiprocessing.get_context(_start_method())
     window = workers * _TASKS_PER_WORKER
-    with concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(tasks)),
-                                                mp_context=context) as pool:
+    with concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context,
+                                                initializer=_worker_init, initargs=(os.getpid(),)) as pool:
         pending: List[concurrent.futures.Future] = []
         next_task = 0
         try:
@@ -143,9 +179,11 @@ def _ordered_results(tasks: Sequence, workers: int) -> Iterator[_ChunkResult]:
                 "an image worker process died (out of memory, or the main script could not be "
                 "re-imported by multiprocessing's spawn start method: run it from a file guarded "
                 "by `if __name__ == '__main__':`), or set data.workers=1") from e
-        except BaseException:
-            for future in pending:
-                future.cancel()
+        except BaseException:  # interrupted, or the writer failed: stop now, not after the queue
+            # No Future.cancel() first: Python 3.10's pool then fails setting the
+            # broken-pool error on the cancelled futures, with a traceback.
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()
             raise
 
 
@@ -155,8 +193,6 @@ def _start_method() -> str:
     return "spawn"
 
 
-def _shard_name(index: int, count: int) -> str:
-    return f"{SHARD_PREFIX}-{index:05d}-of-{count:05d}.tfrecord"
 
 
 def _write_shards(out_dir: str, items: Sequence[_Item], splits: Sequence[str],
@@ -186,13 +222,14 @@ def _write_shards(out_dir: str, items: Sequence[_Item], splits: Sequence[str],
         for split in splits:
             os.makedirs(os.path.join(out_dir, split))
             for index in range(shard_counts[split]):
-                path = os.path.join(out_dir, split, _shard_name(index, shard_counts[split]))
+                path = os.path.join(out_dir, split, shard_name(index, shard_counts[split]))
                 files[split, index] = open(path, "wb")
         bar = tqdm(total=len(items), desc="prepare", unit="img", file=sys.stderr,
                    disable=not progress, dynamic_ncols=True)
         position = 0
-        with bar:
-            for framed, outcomes in _ordered_results(tasks, workers):
+        results = _ordered_results(tasks, workers)
+        with bar, contextlib.closing(results):  # closed at once on errors: the pool stops
+            for framed, outcomes in results:
                 for key, records in framed.items():
                     files[key].write(records)
                 for reason, labels in outcomes:

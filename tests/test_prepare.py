@@ -180,18 +180,19 @@ def test_folder_tree_normalises_every_format(tmp_path):
 def test_features_read_back_with_tf_data(tmp_path):
     src = tmp_path / "src"
     _save(src / "cat" / "one.png", _rgb(6, 4), "PNG")
+    _save(src / "dog" / "two.png", _rgb(2, 2), "PNG")
     out = tmp_path / "out"
     prepare_dataset(_config(src), output_dir=str(out), progress=False)
 
-    (record,) = _records(out, "train")
+    record = _by_name(_records(out, "train"))["cat/one.png"]
     assert record["filename"] == "cat/one.png"
     assert (record["height"], record["width"]) == (4, 6)
     assert record["label"] == "cat"
     assert record["image_format"] == "png"
     assert tf.io.decode_png(record["image"]).shape == (4, 6, 3)
-    assert read_classes(str(out)) == ["cat"]
+    assert read_classes(str(out)) == ["cat", "dog"]
     assert sorted(os.listdir(out)) == ["classes.txt", "eval", "rejects.csv", "summary.json", "train"]
-    assert os.listdir(out / "train") == ["images-00000-of-00001.tfrecord"]
+    assert sorted(os.listdir(out / "train")) == [f"images-0000{i}-of-00002.tfrecord" for i in range(2)]
 
 
 def test_hand_written_example_matches_tensorflow():
@@ -263,12 +264,13 @@ def test_csv_listing_resolves_links_duplicates_and_non_files(tmp_path):
     os.symlink(src / "a.png", src / "alias.png")
     os.symlink(src / "missing.png", src / "broken.png")
     os.makedirs(src / "folder.png")
+    _save(src / "c.png", _rgb(3, 3), "PNG")
     (src / "labels.csv").write_text("Filename;ClassId\na.png;1\nalias.png;2\nbroken.png;1\n"
-                                    "folder.png;1\nsub/b.png;1\n./sub/../a.png;1\n")
+                                    "folder.png;1\nsub/b.png;1\n./sub/../a.png;1\nc.png;3\n")
     out = tmp_path / "out"
     result = prepare_dataset(_config(src, labels_csv="labels.csv"), str(out), progress=False)
-    assert result.counts["train"] == {"1": 2}
-    assert sorted(_by_name(_records(out, "train"))) == ["a.png", "sub/b.png"]
+    assert result.counts["train"] == {"1": 2, "3": 1}
+    assert sorted(_by_name(_records(out, "train"))) == ["a.png", "c.png", "sub/b.png"]
     rejects = _rejects_csv(out)
     assert "listed again in" in rejects["alias.png"] and "with label '1'" in rejects["alias.png"]
     assert "listed again in" in rejects["a.png"]  # ./sub/../a.png, the same file again
@@ -290,9 +292,10 @@ def test_csv_absolute_path_and_unmatched_glob(tmp_path):
     _save(src / "a.png", _rgb(), "PNG")
     labels = tmp_path / "elsewhere" / "labels.csv"
     os.makedirs(labels.parent)
-    labels.write_text("Filename;ClassId\na.png;3\n")
+    _save(src / "b.png", _rgb(), "PNG")
+    labels.write_text("Filename;ClassId\na.png;3\nb.png;4\n")
     result = prepare_dataset(_config(src, labels_csv=str(labels)), str(tmp_path / "out"), progress=False)
-    assert result.counts["train"] == {"3": 1}
+    assert result.counts["train"] == {"3": 1, "4": 1}
     with pytest.raises(PrepareError, match="no labels CSV matches"):
         prepare_dataset(_config(src, labels_csv="*/GT-*.csv"), str(tmp_path / "out2"), progress=False)
 
@@ -312,6 +315,7 @@ def test_bad_files_are_rejected_with_reasons_and_the_rest_written(tmp_path):
     (src / "a" / "notes.txt").write_text("not an image")
     _save(src / "a" / "heavy.png", _noise(48, 48), "PNG")  # ~7 kB of noise
     _save(src / "a" / "huge.png", Image.new("RGB", (100, 100)), "PNG")  # few bytes, 10k pixels
+    _save(src / "b" / "fine.png", _rgb(), "PNG")
     _save(src / "c" / "unlisted.png", _rgb(), "PNG")  # class not in data.classes
     (src / "a" / ".hidden.png").write_bytes(b"junk")  # hidden: skipped
     (src / "a" / "labels.csv").write_text("x")  # CSV: skipped
@@ -321,8 +325,8 @@ def test_bad_files_are_rejected_with_reasons_and_the_rest_written(tmp_path):
     out = tmp_path / "out"
     result = prepare_dataset(data, output_dir=str(out), progress=False)
 
-    assert sorted(_by_name(_records(out, "train"))) == ["a/good.jpg", "a/good.png"]
-    assert result.counts["train"] == {"a": 2, "b": 0}
+    assert sorted(_by_name(_records(out, "train"))) == ["a/good.jpg", "a/good.png", "b/fine.png"]
+    assert result.counts["train"] == {"a": 2, "b": 1}
     rejects = _rejects_csv(out)
     assert set(rejects) == {"corrupt.png", "truncated.jpg", "empty.png", "notes.txt", "heavy.png",
                             "huge.png", "unlisted.png", "README"}
@@ -337,7 +341,10 @@ def test_bad_files_are_rejected_with_reasons_and_the_rest_written(tmp_path):
     assert len(result.rejects) == 8
     summary = result.summary()
     assert "Rejected files: 8" in summary and "rejects.csv" in summary
+    assert "Skipped 1 hidden file (names starting with '.': not read)" in summary
     assert json.loads((out / "summary.json").read_text())["rejects"] == 8
+    assert json.loads((out / "summary.json").read_text())["hidden"] == {"files": 1, "folders": 0}
+    assert prepare.load_result(str(out)).summary() == summary
 
 
 def test_truncated_png_is_rejected(tmp_path):
@@ -345,6 +352,7 @@ def test_truncated_png_is_rejected(tmp_path):
     data = _save(src / "a" / "t.png", _noise(32, 32), "PNG")
     (src / "a" / "t.png").write_bytes(data[: len(data) * 2 // 3])
     _save(src / "a" / "ok.png", _rgb(), "PNG")
+    _save(src / "b" / "ok.png", _rgb(), "PNG")
     result = prepare_dataset(_config(src), str(tmp_path / "out"), progress=False)
     (reject,) = result.rejects
     assert reject[0].endswith("t.png") and reject[1].startswith(("truncated image", "corrupt image"))
@@ -372,7 +380,7 @@ def test_clear_errors(tmp_path):
 
 def test_refuses_to_replace_a_folder_that_is_not_a_prepared_dataset(tmp_path):
     src = tmp_path / "src"
-    _save(src / "a" / "x.png", _rgb(), "PNG")
+    _tiny_pngs(src, ["x.png", "y.png"])
     precious = tmp_path / "precious"
     os.makedirs(precious)
     (precious / "thesis.tex").write_text("...")
@@ -386,9 +394,10 @@ def test_refuses_to_replace_a_folder_that_is_not_a_prepared_dataset(tmp_path):
 # ----------------------------------------------------------------------------- splits
 
 
-def _tiny_pngs(root, names):
-    for name in names:
-        _save(root / "a" / name, _rgb(2, 2), "PNG")
+def _tiny_pngs(root, names, labels=("a", "b")):
+    """Tiny PNGs named ``names``, in the class folders ``labels`` in turn."""
+    for i, name in enumerate(names):
+        _save(root / labels[i % len(labels)] / name, _rgb(2, 2), "PNG")
 
 
 def _split_of(out):
@@ -425,7 +434,7 @@ def test_empty_split_still_gets_one_shard_and_test_split_is_optional(tmp_path):
     test_src = tmp_path / "test"
     _tiny_pngs(test_src, ["t.png"])
     result = prepare_dataset(_config(src, test_source=str(test_src)), str(out), progress=False)
-    assert result.counts["test"] == {"a": 1}
+    assert result.counts["test"] == {"a": 1, "b": 0}
     assert _records(out, "test")[0]["filename"] == "a/t.png"
 
 
@@ -495,15 +504,14 @@ def test_same_inputs_give_identical_shards_with_one_or_two_workers(tmp_path):
 
 def test_rerun_replaces_output_and_failed_run_leaves_old_one(tmp_path, monkeypatch, capsys):
     src = tmp_path / "src"
-    _tiny_pngs(src, ["x.png"])
-    _save(src / "b" / "y.png", _rgb(2, 2), "PNG")
+    _tiny_pngs(src, ["x.png", "y.png", "z.png"], labels=("a", "b", "c"))
     out = tmp_path / "out"
     prepare_dataset(_config(src), str(out), progress=True)
     assert "prepare" in capsys.readouterr().err  # progress bar on stderr
-    assert read_classes(str(out)) == ["a", "b"]
+    assert read_classes(str(out)) == ["a", "b", "c"]
 
-    os.remove(src / "b" / "y.png")
-    os.rmdir(src / "b")
+    os.remove(src / "c" / "z.png")
+    os.rmdir(src / "c")
 
     def boom(*args, **kwargs):
         raise RuntimeError("killed")
@@ -511,13 +519,13 @@ def test_rerun_replaces_output_and_failed_run_leaves_old_one(tmp_path, monkeypat
     monkeypatch.setattr(prepare, "_write_metadata", boom)
     with pytest.raises(RuntimeError):
         prepare_dataset(_config(src), str(out), progress=False)
-    assert read_classes(str(out)) == ["a", "b"]  # old dataset untouched
+    assert read_classes(str(out)) == ["a", "b", "c"]  # old dataset untouched
     assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # temp folder removed
 
     monkeypatch.undo()
     result = prepare_dataset(_config(src), str(out), progress=False)
-    assert read_classes(str(out)) == ["a"] and result.counts["train"] == {"a": 1}
-    assert json.loads((out / "summary.json").read_text())["counts"]["train"] == {"a": 1}
+    assert read_classes(str(out)) == ["a", "b"] and result.counts["train"] == {"a": 1, "b": 1}
+    assert json.loads((out / "summary.json").read_text())["counts"]["train"] == {"a": 1, "b": 1}
 
 
 # ----------------------------------------------------------------------------- real data
