@@ -93,8 +93,9 @@ def make_signatures(model: tf_keras.Model, tf_transform_output: tft.TFTransformO
                        lambda transformed: {features.LABEL_ID_KEY: transformed[features.LABEL_ID_KEY]})
 
 
-def _segmentation_outputs(probabilities: tf.Tensor, heights: tf.Tensor, widths: tf.Tensor,
-                          mask_values: tf.Tensor, foreground_class: int) -> Dict[str, tf.Tensor]:
+def segmentation_outputs(probabilities: tf.Tensor, heights: tf.Tensor, widths: tf.Tensor,
+                         mask_values: tf.Tensor, foreground_class: int) -> Dict[str, tf.Tensor]:
+    """The segmentation outputs from the model's ``[batch, s, s, channels]`` output (also the TFLite runner's)."""
     probabilities = segmentation_model.class_probabilities(probabilities)
 
     def full_size_png(args):
@@ -119,8 +120,8 @@ def make_segmentation_signatures(model: tf_keras.Model, tf_transform_output: tft
 
     def predict_transformed(transformed):
         pixels = transform.decode_pixels(transformed[features.PIXELS_KEY], image_size)
-        return _segmentation_outputs(model(pixels, training=False), transformed[features.IMAGE_HEIGHT_KEY],
-                                     transformed[features.IMAGE_WIDTH_KEY], values, foreground_class)
+        return segmentation_outputs(model(pixels, training=False), transformed[features.IMAGE_HEIGHT_KEY],
+                                    transformed[features.IMAGE_WIDTH_KEY], values, foreground_class)
 
     def labels(transformed):
         return {features.MASK_IDS_KEY: transform.decode_mask_ids(transformed[features.MASK_IDS_KEY],

@@ -43,6 +43,7 @@ from visiontune.components import (
     segmentation_model,
     signatures,
     strategy as strategy_lib,
+    tflite_export,
     transform,
 )
 
@@ -363,5 +364,7 @@ def run_fn(fn_args) -> None:
         metadata["class_values"] = [list(v) for v in segmentation.class_values]
     signatures.export_saved_model(model, tf_transform_output, classes, size,
                                   fn_args.serving_model_dir, metadata, segmentation)
+    tflite_export.export_tflite(model, fn_args.serving_model_dir, classes, size, config.export.tflite,
+                                fn_args.train_files, config.export.calibration_images, segmentation)
     # The finished model is exported: the resume state is no longer needed.
     tf.io.gfile.rmtree(state_dir)

@@ -95,7 +95,7 @@ def read_backbone_run(metadata_path: str, context_id: int, classes: Sequence[str
     history = run_files.training_history(row["model_run_dir"]) if row["model_run_dir"] else None
     row.update(training_figures(history))
     if row["model_dir"] and os.path.isdir(row["model_dir"]):
-        row["model_bytes"] = run_files.dir_size(row["model_dir"])
+        row["model_bytes"] = run_files.saved_model_size(row["model_dir"])
         meta = run_files.model_metadata(row["model_dir"]) or {}
         classes = meta.get("classes") or list(classes)
         row["image_size"] = meta.get("image_size")

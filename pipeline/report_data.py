@@ -195,7 +195,7 @@ def gather(output_dir: str, max_eval_examples: int = MAX_EVAL_EXAMPLES) -> Dict[
     model = dict(meta or {})
     model.pop("classes", None)
     if summary.model_dir and os.path.isdir(summary.model_dir):
-        model["saved_model_bytes"] = run_files.dir_size(summary.model_dir)
+        model["saved_model_bytes"] = run_files.saved_model_size(summary.model_dir)
         model["saved_model_dir"] = summary.model_dir
     data["model"] = model
     return {"data": data, "figures": {k: v for k, v in figures.items() if v}}

@@ -26,10 +26,14 @@ def read_json(path: str) -> Optional[Dict[str, Any]]:
         return None
 
 
-def dir_size(path: str) -> int:
-    """Bytes of every file under ``path``."""
-    return sum(os.path.getsize(os.path.join(root, f))
-               for root, _, files in os.walk(path) for f in files)
+def saved_model_size(path: str) -> int:
+    """Bytes of the SavedModel at ``path``: every file but ``assets.extra/`` (TFLite models, metadata)."""
+    total = 0
+    for root, dirs, files in os.walk(path):
+        if root == path:
+            dirs[:] = [d for d in dirs if d != features.METADATA_DIR]
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total
 
 
 def serving_model_dir(model_uri: str) -> str:

@@ -4,7 +4,8 @@
 PATH, and otherwise the built-in server, which implements the part of TF
 Serving's REST and gRPC APIs that clients use, with the same file-system
 polling of pushed versions.  ``predict`` is the client side: any image Pillow
-reads, top-k classes, batched requests, REST or gRPC.
+reads, top-k classes, batched requests, REST or gRPC; or, with ``--tflite``,
+the pushed TensorFlow Lite model run here with no server.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import signal
 import sys
 import threading
 
+from visiontune import features
 from visiontune.errors import UserError
 from visiontune.serving.tf_serving import TF_SERVING_BINARY, tf_serving_command
 
@@ -43,11 +45,18 @@ def add_commands(sub) -> None:
                    help=f"use the built-in server even when {TF_SERVING_BINARY} is installed")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("predict", help="classify (or segment) images with a served model (REST or gRPC)")
+    p = sub.add_parser("predict", help="classify (or segment) images with a served model (REST or gRPC), "
+                                       "or with its TensorFlow Lite model here (--tflite)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
     p.add_argument("--server", help="REST URL, e.g. http://localhost:8501")
     p.add_argument("--grpc", metavar="HOST:PORT", help="use gRPC at this address instead of REST")
-    p.add_argument("--model", required=True, help="model name")
+    p.add_argument("--model", help="model name (with --server or --grpc)")
+    p.add_argument("--tflite", metavar="MODEL",
+                   help="run a TensorFlow Lite model here instead of asking a server: a .tflite file, or a "
+                        "pushed version folder (or SERVING_DIR/MODEL_NAME: its newest version), whose "
+                        "assets.extra/tflite/ holds them")
+    p.add_argument("--variant", choices=features.TFLITE_VARIANTS,
+                   help="with --tflite and a folder: which model (default int8, else float16)")
     p.add_argument("--version", type=int, help="a version number (default: the latest)")
     p.add_argument("--signature", help="signature name (default serving_default)")
     p.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
@@ -125,15 +134,33 @@ def serve_builtin(args, base: str, name: str) -> int:
 def cmd_predict(args) -> int:
     from visiontune.serving.client import GrpcClient, PredictionError, RestClient, classify_files, load_class_names
 
-    if bool(args.server) == bool(args.grpc):
-        raise UserError("pass --server URL (REST) or --grpc HOST:PORT")
+    if args.tflite:
+        server_options = [o for o, v in (("--server", args.server), ("--grpc", args.grpc), ("--model", args.model),
+                                          ("--version", args.version), ("--signature", args.signature)) if v]
+        if server_options:
+            raise UserError(f"--tflite runs the model here: drop {', '.join(server_options)}")
+    elif bool(args.server) == bool(args.grpc):
+        raise UserError("pass --server URL (REST) or --grpc HOST:PORT, or --tflite MODEL to run a "
+                        "TensorFlow Lite model here")
+    elif not args.model:
+        raise UserError("pass --model NAME: the served model's name")
+    elif args.variant:
+        raise UserError("--variant picks a TensorFlow Lite model: use it with --tflite")
     if args.top_k < 1 or args.batch_size < 1:
         raise UserError("--top-k and --batch-size must be at least 1")
     missing = [p for p in args.images if not os.path.isfile(p)]
     if missing:
         raise UserError(f"no such image file: {', '.join(missing)}")
-    names = load_class_names(args.classes) if args.classes else None
-    if args.grpc:
+    try:
+        names = load_class_names(args.classes) if args.classes else None
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    if args.tflite:
+        from visiontune.serving.tflite import TFLiteModel
+
+        client = TFLiteModel(args.tflite, args.variant, names)
+        names = client.class_names or None
+    elif args.grpc:
         client = GrpcClient(args.grpc, args.model, args.version, args.signature, args.timeout)
     else:
         client = RestClient(args.server, args.model, args.version, args.signature, args.timeout)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import List, Optional
 
+from visiontune import features
 from visiontune.configs import backbones
 from visiontune.configs.fields import FRACTION, setting
 from visiontune.configs.vertex import VertexConfig
@@ -280,6 +281,36 @@ class EvaluationConfig:
 
 
 @dataclasses.dataclass
+class ExportConfig:
+    """What the Trainer exports beside the SavedModel that TF Serving loads.
+
+    The TensorFlow Lite models go into the SavedModel's
+    ``assets.extra/tflite/`` (TF Serving ignores ``assets.extra``), so the
+    Pusher pushes them with a blessed model only.  Each takes what Transform
+    gives the model: uint8 RGB pixels ``[1, S, S, 3]`` (``S`` = the input
+    size), decoded and resized to ``S`` x ``S`` with antialiased bilinear;
+    scaling, contrast normalisation and the centre crop are inside.
+    ``tflite.json`` beside them says what to feed and how to read the output.
+
+    Attributes:
+      tflite: the TensorFlow Lite variants to write: ``float16`` (float16
+        weights, float32 arithmetic; float32 probabilities out) and ``int8``
+        (full-integer quantisation calibrated on train-split images: int8
+        weights and activations, uint8 pixels in with scale 1 and zero point
+        0, uint8 probabilities out with scale 1/256; only autocontrast's
+        per-image gain and equalize, which have no int8 TFLite kernels, stay
+        float32 inside).  Segmentation models output per-pixel probabilities.
+        ``[]``: none (no conversion time).
+      calibration_images: how many train-split images calibrate the int8
+        activation ranges (>= 1), taken evenly spaced through the split (never
+        from eval or test).
+    """
+
+    tflite: List[str] = setting(list(features.TFLITE_VARIANTS), choices=features.TFLITE_VARIANTS)
+    calibration_images: int = setting(200, ge=1)
+
+
+@dataclasses.dataclass
 class PipelineSettings:
     """Names and folders of a run.
 
@@ -356,6 +387,7 @@ class Config:
       model: backbone, input size and head.
       training: optimizer, schedule, fine-tuning phases, augmentation.
       evaluation: the Evaluator's split and blessing thresholds.
+      export: the TensorFlow Lite models exported beside the SavedModel.
       pipeline: names and folders of the run.
       segmentation: masks and decoder of ``task: segmentation``.
       vertex: deployment on Vertex AI; ignored by local runs.
@@ -366,6 +398,7 @@ class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
     pipeline: PipelineSettings = dataclasses.field(default_factory=PipelineSettings)
     segmentation: SegmentationConfig = dataclasses.field(default_factory=SegmentationConfig)
     vertex: VertexConfig = dataclasses.field(default_factory=VertexConfig)

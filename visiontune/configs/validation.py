@@ -159,6 +159,7 @@ def validate(config: Config, local_files: bool = True) -> None:
     _check_model(config, local_files)
     _check_data(config)
     _check_training(config)
+    _check_export(config)
     if config.task == "segmentation":
         _check_segmentation(config)
 
@@ -216,6 +217,14 @@ def _check_training(config: Config) -> None:
                             f"got {aug.downscale_max_size}, expected 0 (the input size) or an integer >= "
                             f"downscale_min_size ({aug.downscale_min_size})",
                             "training.augmentation.downscale_min_size")
+
+
+def _check_export(config: Config) -> None:
+    variants = config.export.tflite
+    for i, variant in enumerate(variants):
+        if variant in variants[:i]:
+            raise setting_error(f"export.tflite[{i}]", f"got {show(variant)} a second time, expected each "
+                                "variant once ([] for none)")
 
 
 def _check_segmentation(config: Config) -> None:
