@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 
 install: $(BIN)/visiontune
 
-$(BIN)/visiontune: setup.py constraints.txt
+$(BIN)/visiontune: setup.py pyproject.toml constraints.txt
 	@test -n "$(PYTHON)" || { echo "error: Python 3.10 not found (TFX 1.16 needs 3.9-3.10); set PYTHON=/path/to/python3.10"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip wheel
