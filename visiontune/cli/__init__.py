@@ -25,6 +25,7 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
+from visiontune.cli import allocator
 from visiontune.errors import UserError
 
 # Modules adding subcommands: each has ``add_commands(subparsers)``, registering
@@ -104,6 +105,8 @@ def _configure_output(verbose: bool) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # Before anything imports TensorFlow (see visiontune/cli/allocator.py).
+    allocator.configure()
     args = build_parser().parse_args(argv)
     if argv is None:
         # The command line is ours alone: TFX's Beam executors parse sys.argv as
