@@ -48,11 +48,13 @@ class Mistake:
 
 
 def find_mistakes(model_dir: str, examples_uri: str, split: str,
-                  max_examples: int = MAX_EVAL_EXAMPLES, batch_size: int = 64
+                  max_examples: int = MAX_EVAL_EXAMPLES, batch_size: int = 16
                   ) -> Tuple[int, int, List[Mistake]]:
     """Runs ``serving_examples`` over the split: (examples checked, total in split or -1, mistakes).
 
-    Mistakes are sorted most confident first.
+    Mistakes are sorted most confident first.  Batches of 16: the report runs
+    in the process of the whole run, after every component, and 64 images at
+    192 px took ~650 MiB there (BENCHMARKS.md, "Peak memory").
     """
     import tensorflow as tf
 
