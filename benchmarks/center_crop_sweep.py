@@ -15,23 +15,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import os
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 import _perf_common as common  # noqa: E402
+import _transformed  # noqa: E402
 
 MARKER = "<!-- center_crop_sweep rows -->"
-
-
-def newest_transformed_split(output_dir: str, split: str) -> str:
-    runs = glob.glob(os.path.join(output_dir, "Transform", "transformed_examples", "*"))
-    if not runs:
-        raise SystemExit(f"{output_dir}: no Transform output; run the pipeline first")
-    newest = max(runs, key=lambda p: int(os.path.basename(p)))
-    return os.path.join(newest, f"Split-{split}", "*")
 
 
 def sweep(config, model_dir: str, split: str, fractions):
@@ -42,8 +35,9 @@ def sweep(config, model_dir: str, split: str, fractions):
 
     classes = prepare.read_classes(config.data.prepared_dir)
     size = config.model.image_size
-    ds = trainer.create_dataset([newest_transformed_split(config.pipeline.output_dir, split)],
-                                training=False, image_size=size, batch_size=64)
+    files = _transformed.split_files(config.pipeline.output_dir, split,
+                                     tempfile.mkdtemp(prefix="center_crop_sweep_"))
+    ds = trainer.create_dataset(files, training=False, image_size=size, batch_size=64)
     models = []
     for fraction in fractions:
         model_cfg = dataclasses.replace(config.model, center_crop_fraction=fraction)

@@ -39,6 +39,7 @@ from visiontune import features
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 import _perf_common as common  # noqa: E402
+import _transformed  # noqa: E402
 
 TITLE = "Evaluator: TFMA vs model.evaluate"
 INTRO = """
@@ -115,6 +116,10 @@ def main(argv=None) -> int:
     model_dir = os.path.join(uris["model"], "Format-Serving")
     raw_files = sorted(glob.glob(os.path.join(uris["examples"], f"Split-{args.split}", "*")))
     pixel_files = sorted(glob.glob(os.path.join(transformed_uri, f"Split-{args.split}", "*")))
+    if not pixel_files:  # Transform writes train and eval only: the same graph over the raw examples
+        graph = os.path.join(os.path.dirname(os.path.dirname(transformed_uri)), "transform_graph",
+                             os.path.basename(transformed_uri))
+        pixel_files = [_transformed.transform_split(graph, raw_files, tempfile.mkdtemp(prefix="evaluator_"))]
     meta = signatures.read_metadata(model_dir)
     classes_path = os.path.join(model_dir, "assets.extra", "classes.txt")
     classes = [c for c in open(classes_path).read().splitlines() if c]
