@@ -13,7 +13,9 @@ blessed model) exists: the first model is judged on the floor alone.
 
 from __future__ import annotations
 
+import copy
 import json
+from typing import Optional
 
 import tensorflow_model_analysis as tfma
 
@@ -23,16 +25,17 @@ ACCURACY = "sparse_categorical_accuracy"
 TOP_K_ACCURACY = "top_k_accuracy"
 
 
-def create_eval_config(evaluation: configs.EvaluationConfig, num_classes: int) -> tfma.EvalConfig:
+def create_eval_config(evaluation: configs.EvaluationConfig, num_classes: Optional[int]) -> tfma.EvalConfig:
+    """``num_classes`` None: not known yet (images in); ``fit_to_classes`` completes the config at run time."""
     overall = [tfma.SlicingSpec()]
     blessing = tfma.MetricThreshold(
         value_threshold=tfma.GenericValueThreshold(lower_bound={"value": evaluation.min_accuracy}),
         change_threshold=tfma.GenericChangeThreshold(
             direction=tfma.MetricDirection.HIGHER_IS_BETTER,
             absolute={"value": -evaluation.max_regression}))
-    top_k = max(1, min(evaluation.top_k, num_classes))
+    top_k = max(1, evaluation.top_k if num_classes is None else min(evaluation.top_k, num_classes))
     per_class = {"top_k": 1}
-    return tfma.EvalConfig(
+    config = tfma.EvalConfig(
         model_specs=[tfma.ModelSpec(
             signature_name=features.SERVING_EXAMPLES,
             # A plain SavedModel to TFMA: otherwise it loads the model once just to
@@ -55,10 +58,29 @@ def create_eval_config(evaluation: configs.EvaluationConfig, num_classes: int) -
                 tfma.MetricConfig(class_name="MultiClassConfusionMatrixPlot"),
             ]),
             tfma.MetricsSpec(
-                binarize=tfma.BinarizationOptions(class_ids={"values": list(range(num_classes))}),
+                binarize=tfma.BinarizationOptions(class_ids={"values": list(range(num_classes or 0))}),
                 metrics=[tfma.MetricConfig(class_name=name, config=json.dumps(per_class))
                          for name in ("Precision", "Recall", "F1Score")]),
         ])
+    return config
+
+
+def fit_to_classes(config: tfma.EvalConfig, num_classes: int) -> tfma.EvalConfig:
+    """``config`` with one binarized class id per class and top-k at most ``num_classes``.
+
+    What ``create_eval_config`` would have made knowing ``num_classes``: the
+    class list of an image dataset is read by the Evaluator at run time.
+    """
+    config = copy.deepcopy(config)
+    for spec in config.metrics_specs:
+        if spec.HasField("binarize"):
+            spec.binarize.class_ids.values[:] = range(num_classes)
+        for metric in spec.metrics:
+            if metric.class_name == "SparseTopKCategoricalAccuracy":
+                settings = json.loads(metric.config)
+                settings["k"] = max(1, min(settings["k"], num_classes))
+                metric.config = json.dumps(settings)
+    return config
 
 
 SEGMENTATION_METRICS_MODULE = "visiontune.components.segmentation_metrics"

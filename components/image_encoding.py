@@ -28,7 +28,7 @@ import io
 import os
 import warnings
 import zlib
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 from visiontune.components import masks
 
@@ -61,6 +61,8 @@ def _strict_pillow() -> Iterator[None]:
 
 
 def _read_checked(path: str, max_file_bytes: int) -> bytes:
+    if "://" in path:
+        return _read_remote(path, max_file_bytes)
     try:
         size = os.path.getsize(path)
     except OSError as e:
@@ -74,6 +76,22 @@ def _read_checked(path: str, max_file_bytes: int) -> bytes:
             return f.read()
     except OSError as e:
         raise ImageRejected(f"cannot read file: {e.strerror}") from None
+
+
+def _read_remote(url: str, max_file_bytes: int) -> bytes:
+    """A file on a filesystem TensorFlow knows (``gs://``...): its size checked before it is read."""
+    import tensorflow as tf
+
+    try:
+        size = tf.io.gfile.stat(url).length
+        if size == 0:
+            raise ImageRejected("empty file (0 bytes)")
+        if size > max_file_bytes:
+            raise ImageRejected(f"file too large: {size} bytes > data.max_file_bytes={max_file_bytes}")
+        with tf.io.gfile.GFile(url, "rb") as f:
+            return f.read()
+    except tf.errors.OpError as e:
+        raise ImageRejected(f"cannot read file: {e.message}") from None
 
 
 def _open_checked(raw: bytes, max_pixels: int):
@@ -285,3 +303,26 @@ def encode_mask_file(path: str, height: int, width: int, max_file_bytes: int, ma
         except masks.MaskRejected as e:
             raise masks.MaskRejected(f"mask {path}: {e}") from None
     return masks.encode_mask(values), values
+
+
+def encode_example(path: str, relpath: str, label: str, mask_path: str, max_file_bytes: int,
+                   max_pixels: int, class_values: Optional[Sequence] = None
+                   ) -> Tuple[Optional[bytes], Optional[str], List[str]]:
+    """One listed image as ``(serialized tf.Example, None, labels)`` or ``(None, reason, [])``.
+
+    ``labels`` are what the image counts for: its class name, or with
+    ``class_values`` (segmentation) the indices of the classes in its mask.
+    Any failure is this file's, never the run's: it becomes a reject reason.
+    """
+    from visiontune.components.example_records import serialize_example
+    try:
+        encoded, fmt, height, width = encode_image(path, max_file_bytes, max_pixels)
+        if class_values is None:
+            return serialize_example(encoded, fmt, relpath, height, width, label), None, [label]
+        mask_png, values = encode_mask_file(mask_path, height, width, max_file_bytes, max_pixels)
+        example = serialize_example(encoded, fmt, relpath, height, width, mask=mask_png)
+        return example, None, [str(i) for i in masks.classes_present(values, class_values)]
+    except (ImageRejected, masks.MaskRejected) as e:
+        return None, str(e), []
+    except Exception as e:  # noqa: BLE001 - any other failure is this file's, not the run's
+        return None, f"cannot process image: {_describe(e)}", []

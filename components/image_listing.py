@@ -34,15 +34,15 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import functools
 import glob
 import hashlib
+import io
 import os
 import re
-import unicodedata
-from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from visiontune.components import masks
+from visiontune.components.class_names import check_distinct_labels, label_problem, natural_key  # noqa: F401 - re-exported
 from visiontune.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover - only for type checkers
@@ -92,16 +92,6 @@ class Hidden:
 # --------------------------------------------------------------------------
 
 
-def natural_key(name: str) -> Tuple:
-    """Sort key putting "2" before "10" and "class2" before "class10".
-
-    Digit runs compare as numbers and the rest case-insensitively; the raw
-    string breaks ties so that "2" and "02" still have a fixed order.
-    """
-    parts = re.split(r"([0-9]+)", name)
-    return tuple((int(p) if i % 2 else p.casefold()) for i, p in enumerate(parts)), name
-
-
 def split_fraction(relpath: str) -> float:
     """Where a file falls in [0, 1): a pure function of its relative path.
 
@@ -144,13 +134,23 @@ def _collect_items(data: "DataConfig", segmentation: Optional["SegmentationConfi
     sources = [(data.source, data.labels_csv, None)]
     if data.test_source:
         sources.append((data.test_source, data.test_labels_csv, TEST))
+    from visiontune.components import remote_listing
+
     for source, labels_csv, split in sources:
-        if not os.path.isdir(source):
+        remote = remote_listing.is_url(source)
+        if remote:
+            remote_listing.check_folder(source)
+        elif not os.path.isdir(source):
             raise PrepareError(f"{source}: data source folder does not exist"
                                if not os.path.exists(source) else
                                f"{source}: data source is not a folder")
         mask_of: Dict[str, str] = {}
-        if segmentation is not None:
+        if remote and segmentation is not None:
+            raise PrepareError(f"{source}: segmentation sources must be local folders")
+        if remote:
+            found, bad = (remote_listing.list_csv(source, labels_csv, data) if labels_csv
+                          else remote_listing.list_tree(source, hidden))
+        elif segmentation is not None:
             def is_listed(name: str) -> bool:  # of files: hidden ones are counted
                 hidden.files += _is_hidden(name)
                 return not _is_skipped_file(name)
@@ -428,9 +428,14 @@ def _list_csv_source(source: str, labels_csv: str, data: "DataConfig"
     return found, rejects
 
 
-def _read_label_rows(csv_path: str, data: "DataConfig") -> Iterator[Tuple[str, str, int]]:
-    """(filename, label, line number) per data row; names the columns it has if one is missing."""
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+def _read_label_rows(csv_path: str, data: "DataConfig", text: Optional[str] = None
+                     ) -> Iterator[Tuple[str, str, int]]:
+    """(filename, label, line number) per data row (of ``text`` if given).
+
+    Names the columns the CSV has if one is missing.
+    """
+    with (io.StringIO(text, newline="") if text is not None
+          else open(csv_path, newline="", encoding="utf-8-sig")) as f:
         reader = csv.reader(f, delimiter=data.csv_delimiter)
         header = [h.strip() for h in next(reader, [])]
         missing = [c for c in (data.filename_column, data.label_column) if c not in header]
@@ -447,53 +452,3 @@ def _read_label_rows(csv_path: str, data: "DataConfig") -> Iterator[Tuple[str, s
             yield cells[fi].strip(), cells[li].strip(), reader.line_num
 
 
-@functools.lru_cache(maxsize=1024)  # per CSV row: labels repeat
-def label_problem(label: str) -> Optional[str]:
-    """What makes ``label`` unusable as a class name (a line of ``classes.txt``), or None."""
-    if not label.strip():
-        return "is empty"
-    for char in label:
-        category = unicodedata.category(char)
-        if category == "Cs":  # a byte of a file name that is not UTF-8 (surrogateescape)
-            return "is not valid UTF-8"
-        if category in ("Cc", "Zl", "Zp"):
-            return f"holds a control character (U+{ord(char):04X}): class names must be single lines"
-    return None
-
-
-def check_distinct_labels(labels: Iterable[str], what: str = "labels") -> None:
-    """Refuses two names that differ only by Unicode normalisation (NFC/NFD) or surrounding spaces.
-
-    A folder copied from macOS (NFD) next to one typed elsewhere (NFC) looks
-    like one class and would silently become two.
-    """
-    first: Dict[str, str] = {}
-    for label in labels:
-        key = unicodedata.normalize("NFC", label.strip())
-        other = first.setdefault(key, label)
-        if other != label:
-            raise PrepareError(f"{what} {ascii(other)} and {ascii(label)} differ only by Unicode "
-                               "normalisation (NFC/NFD) or surrounding spaces: rename one")
-
-
-def _choose_classes(data: "DataConfig", items: Sequence[_Item]) -> List[str]:
-    """The given class list, else every label found (no two alike), sorted naturally."""
-    if data.classes:
-        return list(data.classes)
-    labels = sorted({item.label for item in items}, key=natural_key)
-    check_distinct_labels(labels, "class names")
-    return labels
-
-
-def _drop_unknown_labels(items: List[_Item], classes: Sequence[str], explicit: bool
-                         ) -> Tuple[List[_Item], List[Tuple[str, str]]]:
-    if not explicit:
-        return items, []
-    known = set(classes)
-    alike = {unicodedata.normalize("NFC", c.strip()): c for c in classes}
-    rejects = []
-    for item in (i for i in items if i.label not in known):
-        near = alike.get(unicodedata.normalize("NFC", item.label.strip()))
-        hint = f" (it differs from {ascii(near)} only by Unicode normalisation or spaces)" if near else ""
-        rejects.append((item.path, f"label {item.label!r} is not in data.classes{hint}"))
-    return [i for i in items if i.label in known], rejects

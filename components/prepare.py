@@ -45,6 +45,7 @@ import csv
 import dataclasses
 import glob
 import hashlib
+import io
 import json
 import os
 import re
@@ -53,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from visiontune import features
 from visiontune.components import masks
+from visiontune.components.class_names import check_distinct_labels, choose_classes, drop_unknown_labels, label_problem
 from visiontune.components.dataset_folder import (
     METADATA_FILES,
     SPLIT_DIRS,
@@ -68,12 +70,8 @@ from visiontune.components.image_listing import (
     TRAIN,
     Hidden,
     PrepareError,
-    _choose_classes,
     _collect_items,
-    _drop_unknown_labels,
     _inside,
-    check_distinct_labels,
-    label_problem,
 )
 from visiontune.components.shard_writer import _write_shards
 
@@ -135,6 +133,41 @@ class PrepareResult:
 # --------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class IngestPlan:
+    """What ingest will read, decided before any image is opened (the same for every ingest path)."""
+
+    items: List[Any]  # image_listing._Item, each with its split
+    classes: List[str]
+    splits: List[str]
+    task: str
+    rejects: List[Tuple[str, str]]  # files refused by listing (encoding adds its own)
+    hidden: Hidden
+
+
+def plan_ingest(data: "DataConfig", segmentation: Optional["SegmentationConfig"] = None) -> IngestPlan:
+    """Checks the settings, lists the sources and picks the classes and splits.
+
+    Raises ``PrepareError`` for what cannot become a dataset at all (an empty
+    split, a single class, a test source that is the training source).
+    """
+    _check_settings(data, segmentation)
+    _check_sources_apart(data)
+    items, rejects, hidden = _collect_items(data, segmentation)
+    if segmentation is not None:
+        classes = segmentation_classes(data, segmentation)
+    else:
+        classes = choose_classes(data, items)
+        items, label_rejects = drop_unknown_labels(items, classes, explicit=bool(data.classes))
+        rejects.extend(label_rejects)
+    if not items:
+        raise PrepareError(_no_images_message(data, rejects))
+    splits = [TRAIN, EVAL] + ([TEST] if data.test_source else [])
+    task = "segmentation" if segmentation is not None else "classification"
+    _check_listed(data, items, classes, task, rejects)
+    return IngestPlan(items=items, classes=classes, splits=splits, task=task, rejects=rejects, hidden=hidden)
+
+
 def prepare_dataset(data: "DataConfig", output_dir: Optional[str] = None,
                     progress: bool = True,
                     segmentation: Optional["SegmentationConfig"] = None) -> PrepareResult:
@@ -151,20 +184,9 @@ def prepare_dataset(data: "DataConfig", output_dir: Optional[str] = None,
     output_dir = output_dir or data.prepared_dir
     if not output_dir:
         raise PrepareError("no output folder: set data.prepared_dir or pass output_dir")
-    _check_settings(data, segmentation)
-    _check_sources_apart(data)
-    items, rejects, hidden = _collect_items(data, segmentation)
-    if segmentation is not None:
-        classes = segmentation_classes(data, segmentation)
-    else:
-        classes = _choose_classes(data, items)
-        items, label_rejects = _drop_unknown_labels(items, classes, explicit=bool(data.classes))
-        rejects.extend(label_rejects)
-    if not items:
-        raise PrepareError(_no_images_message(data, rejects))
-    splits = [TRAIN, EVAL] + ([TEST] if data.test_source else [])
-    task = "segmentation" if segmentation is not None else "classification"
-    _check_listed(data, items, classes, task, rejects)
+    plan = plan_ingest(data, segmentation)
+    items, rejects, classes, splits, task = plan.items, plan.rejects, plan.classes, plan.splits, plan.task
+    hidden = plan.hidden
     _check_output_dir(output_dir, data)
 
     counts = {s: {c: 0 for c in classes} for s in splits}
@@ -173,7 +195,7 @@ def prepare_dataset(data: "DataConfig", output_dir: Optional[str] = None,
         encode_rejects = _write_shards(tmp_dir, items, splits, data, counts, progress, classes,
                                        segmentation, totals)
         rejects.extend(encode_rejects)
-        _check_written(output_dir, data, items, encode_rejects, counts, totals, task)
+        check_written(data, items, encode_rejects, counts, totals, task, f"{output_dir} is left as it was")
         _write_metadata(tmp_dir, classes, counts, rejects, settings_fingerprint(data, segmentation),
                         totals, task, hidden)
         with signals_deferred():
@@ -195,7 +217,7 @@ def read_classes(prepared_dir: str) -> List[str]:
 def settings_fingerprint(data: "DataConfig", segmentation: Optional["SegmentationConfig"] = None) -> str:
     """Hash of the settings that decide a dataset's content (not where or how fast)."""
     values = dataclasses.asdict(data)
-    for key in ("prepared_dir", "workers"):
+    for key in ("prepared_dir", "workers", "example_gen"):
         values.pop(key, None)
     if segmentation is not None:
         seg = dataclasses.asdict(segmentation)
@@ -351,10 +373,13 @@ def _check_listed(data: "DataConfig", items, classes: Sequence[str], task: str,
                                "training images: classification needs at least 2")
 
 
-def _check_written(output_dir: str, data: "DataConfig", items, encode_rejects: Sequence[Tuple[str, str]],
-                   counts: Dict[str, Dict[str, int]], totals: Dict[str, int], task: str) -> None:
-    """Refuses a dataset whose images of a split, or of all classes but one, were all rejected."""
-    kept = f"; {output_dir} is left as it was"
+def check_written(data: "DataConfig", items, encode_rejects: Sequence[Tuple[str, str]],
+                  counts: Dict[str, Dict[str, int]], totals: Dict[str, int], task: str, outcome: str) -> None:
+    """Refuses a dataset whose images of a split, or of all classes but one, were all rejected.
+
+    ``outcome`` ends the message: what became of the output.
+    """
+    kept = f"; {outcome}"
     split_of = {i.path: i.split for i in items}
     for split in _required_splits(data):
         if not totals[split]:
@@ -411,15 +436,14 @@ def _check_output_dir(output_dir: str, data: "DataConfig") -> None:
 # --------------------------------------------------------------------------
 
 
-def _write_metadata(out_dir: str, classes: Sequence[str], counts: Dict[str, Dict[str, int]],
-                    rejects: Sequence[Tuple[str, str]], settings: str,
-                    totals: Dict[str, int], task: str, hidden: Hidden) -> None:
-    with open(os.path.join(out_dir, features.CLASSES_FILE), "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(f"{c}\n" for c in classes)
-    with open(os.path.join(out_dir, features.REJECTS_FILE), "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["file", "reason"])
-        writer.writerows(rejects)
+def metadata_files(classes: Sequence[str], counts: Dict[str, Dict[str, int]],
+                   rejects: Sequence[Tuple[str, str]], settings: str,
+                   totals: Dict[str, int], task: str, hidden: Hidden) -> Dict[str, bytes]:
+    """The bytes of ``classes.txt``, ``rejects.csv`` and ``summary.json``, by file name."""
+    rows = io.StringIO(newline="")
+    writer = csv.writer(rows, lineterminator="\n")
+    writer.writerow(["file", "reason"])
+    writer.writerows(rejects)
     summary = {
         "classes": list(classes),
         "counts": counts,
@@ -430,9 +454,17 @@ def _write_metadata(out_dir: str, classes: Sequence[str], counts: Dict[str, Dict
     }
     if hidden.files or hidden.folders:  # only then: summary.json stays as it was without any
         summary["hidden"] = dataclasses.asdict(hidden)
-    with open(os.path.join(out_dir, features.SUMMARY_FILE), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    return {
+        features.CLASSES_FILE: "".join(f"{c}\n" for c in classes).encode("utf-8"),
+        features.REJECTS_FILE: rows.getvalue().encode("utf-8"),
+        features.SUMMARY_FILE: (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode("utf-8"),
+    }
+
+
+def _write_metadata(out_dir: str, *args) -> None:
+    for name, content in metadata_files(*args).items():
+        with open(os.path.join(out_dir, name), "wb") as f:
+            f.write(content)
 
 
 def _replace_dir(tmp_dir: str, output_dir: str) -> None:

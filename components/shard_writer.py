@@ -33,10 +33,9 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from visiontune.components import masks
 from visiontune.components.dataset_folder import STOP_SIGNALS, shard_name
-from visiontune.components.example_records import frame_record, serialize_example
-from visiontune.components.image_encoding import ImageRejected, _describe, encode_image, encode_mask_file
+from visiontune.components.example_records import frame_record
+from visiontune.components.image_encoding import encode_example
 from visiontune.components.image_listing import PrepareError, _Item
 
 if TYPE_CHECKING:  # pragma: no cover - only for type checkers
@@ -85,24 +84,11 @@ def _encode_chunk(task: Tuple[Sequence[Tuple[str, str, str, str, str, int]], int
     framed: Dict[Tuple[str, int], List[bytes]] = {}
     outcomes: List[Tuple[Optional[str], List[str]]] = []
     for path, relpath, label, mask_path, split, shard in entries:
-        try:
-            encoded, fmt, height, width = encode_image(path, max_file_bytes, max_pixels)
-            if class_values is None:
-                example = serialize_example(encoded, fmt, relpath, height, width, label)
-                labels = [label]
-            else:
-                mask_png, values = encode_mask_file(mask_path, height, width, max_file_bytes,
-                                                    max_pixels)
-                example = serialize_example(encoded, fmt, relpath, height, width, mask=mask_png)
-                labels = [str(i) for i in masks.classes_present(values, class_values)]
-        except (ImageRejected, masks.MaskRejected) as e:
-            outcomes.append((str(e), []))
-            continue
-        except Exception as e:  # noqa: BLE001 - any other failure is this file's, not the run's
-            outcomes.append((f"cannot process image: {_describe(e)}", []))
-            continue
-        framed.setdefault((split, shard), []).append(frame_record(example))
-        outcomes.append((None, labels))
+        example, reason, labels = encode_example(path, relpath, label, mask_path, max_file_bytes,
+                                                 max_pixels, class_values)
+        if example is not None:
+            framed.setdefault((split, shard), []).append(frame_record(example))
+        outcomes.append((reason, labels))
     return {key: b"".join(records) for key, records in framed.items()}, outcomes
 
 

@@ -10,13 +10,15 @@ from visiontune.pipeline import compare_tables, html_pages
 from visiontune.pipeline.formatting import fmt
 
 # The pipeline's components, the columns of the page's "Runs" table.
-COMPONENTS = ("ImportExampleGen", "StatisticsGen", "SchemaGen", "ExampleValidator", "Transform",
+COMPONENTS = ("ExampleGen", "StatisticsGen", "SchemaGen", "ExampleValidator", "Transform",
               "Trainer", "Evaluator", "Pusher")
 
 
 def _component_cells(row: Dict[str, Any]) -> List[str]:
     """Per component: its seconds, CACHED, or the state it ended in; then the backbone's wall time."""
-    by = {c["component"]: c for c in row.get("components", [])}
+    # Either ExampleGen (images or TFRecords in) is the column "ExampleGen".
+    by = {("ExampleGen" if c["component"].endswith("ExampleGen") else c["component"]): c
+          for c in row.get("components", [])}
     cells = []
     for name in COMPONENTS:
         c = by.get(name)

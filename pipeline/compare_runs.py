@@ -15,6 +15,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from visiontune import features
+from visiontune.components import ingest_artifacts
 from visiontune.pipeline import results, run_files, run_metadata
 from visiontune.pipeline.compare_plan import Plan, first_line
 from visiontune.pipeline.compare_specs import CompareError
@@ -40,7 +41,7 @@ def run_backbone(plan: Plan) -> Dict[str, Any]:
     metadata_path = local_runner.metadata_path(config)
     start = time.time()
     try:
-        prepared = local_runner.ensure_prepared(config)
+        prepared = local_runner.ensure_prepared(config) if config.data.example_gen == "tfrecords" else None
         os.makedirs(config.pipeline.output_dir, exist_ok=True)
         before = set(run_metadata.pipeline_runs(metadata_path))
         logger.info("%s: running pipeline %s", plan.label, config.pipeline.name)
@@ -53,7 +54,7 @@ def run_backbone(plan: Plan) -> Dict[str, Any]:
         row["run_seconds"] = time.time() - start
         new = sorted(set(run_metadata.pipeline_runs(metadata_path)) - before)
         if new:
-            row.update(read_backbone_run(metadata_path, new[-1], prepared.classes))
+            row.update(read_backbone_run(metadata_path, new[-1], prepared.classes if prepared else ()))
         if error:
             row["error"] = error
         elif row.get("accuracy") is None:
@@ -68,7 +69,10 @@ def run_backbone(plan: Plan) -> Dict[str, Any]:
 
 
 def read_backbone_run(metadata_path: str, context_id: int, classes: Sequence[str]) -> Dict[str, Any]:
-    """What one pipeline run (one ``pipeline_run`` context) produced, from ML Metadata."""
+    """What one pipeline run (one ``pipeline_run`` context) produced, from ML Metadata.
+
+    ``classes``: the class order when the run read TFRecords; with images it is ImageExampleGen's class list.
+    """
     store = run_metadata.open_store(metadata_path)
     components = run_metadata.run_components(store, context_id)
     row: Dict[str, Any] = {"components": [c.timing() for c in components]}
@@ -79,7 +83,9 @@ def read_backbone_run(metadata_path: str, context_id: int, classes: Sequence[str
         artifacts = outputs.get(component, {}).get(key, [])
         return artifacts[0].uri if artifacts else ""
 
-    row["examples_uri"] = uri("ImportExampleGen", "examples")
+    row["examples_uri"] = uri("ImageExampleGen", "examples") or uri("ImportExampleGen", "examples")
+    if uri("ImageExampleGen", "classes"):
+        classes = ingest_artifacts.read_classes_uri(uri("ImageExampleGen", "classes"))
     row["transform_graph_uri"] = uri("Transform", "transform_graph")
     model_uri = uri("Trainer", "model")
     row["model_dir"] = run_files.serving_model_dir(model_uri) if model_uri else ""

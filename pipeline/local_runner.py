@@ -52,15 +52,28 @@ def ensure_prepared(config: configs.Config, force: bool = False) -> prepare_lib.
     return prepare_lib.prepare_dataset(data, segmentation=segmentation)
 
 
-def create_local_pipeline(config: configs.Config, prepared: prepare_lib.PrepareResult) -> tfx.dsl.Pipeline:
+def ingest_workers(config: configs.Config) -> int:
+    return config.data.workers or os.cpu_count() or 1
+
+
+def create_local_pipeline(config: configs.Config,
+                          prepared: Optional[prepare_lib.PrepareResult] = None) -> tfx.dsl.Pipeline:
+    """The pipeline over ``config.data.source``'s images, or over the ``prepared`` TFRecords.
+
+    ImageExampleGen runs with ``data.workers`` Beam workers (multi-processing
+    above 1: the work is per image and CPU-bound); the other Beam components
+    with ``pipeline.beam_workers``.
+    """
     output_dir = os.path.abspath(config.pipeline.output_dir)
     return pipeline_lib.create_pipeline(
-        config, prepared.classes,
+        config, prepared.classes if prepared is not None else None,
         pipeline_root=output_dir,
-        has_test_split="test" in prepared.counts and sum(prepared.counts["test"].values()) > 0,
+        has_test_split=(prepared is not None and "test" in prepared.counts
+                        and sum(prepared.counts["test"].values()) > 0),
         metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(
             metadata_path(config)),
         beam_pipeline_args=beam_args(config.pipeline.beam_workers),
+        ingest_beam_args=beam_args(ingest_workers(config)),
     )
 
 
@@ -70,8 +83,20 @@ def run_pipeline(pipeline: tfx.dsl.Pipeline) -> None:
 
 
 def run(config: configs.Config, force_prepare: bool = False) -> results.RunSummary:
-    """Prepares (if needed), runs every component, and returns what happened."""
-    prepared = ensure_prepared(config, force=force_prepare)
+    """Runs every component (from the images, or from TFRecords prepared first if needed).
+
+    Returns what happened.
+    """
+    if config.data.example_gen == "images":
+        if force_prepare:
+            raise configs.ConfigError("--prepare: only with data.example_gen 'tfrecords'; with images, "
+                                      "ImageExampleGen reads the sources again whenever a file changes")
+        if not config.data.source:
+            raise configs.ConfigError("data.source: not set (the images the pipeline reads; or set "
+                                      "data.example_gen to 'tfrecords' to read data.prepared_dir)")
+        prepared = None
+    else:
+        prepared = ensure_prepared(config, force=force_prepare)
     os.makedirs(config.pipeline.output_dir, exist_ok=True)
     logger.info("running pipeline %s into %s", config.pipeline.name, config.pipeline.output_dir)
     run_pipeline(create_local_pipeline(config, prepared))

@@ -4,9 +4,9 @@ Built only from what the run left behind, found through ML Metadata
 (``<output_dir>/metadata.sqlite``), so ``visiontune report OUTPUT_DIR`` needs
 nothing else:
 
-* data: class counts per split and the rejects (the prepared dataset's
-  ``summary.json`` and ``rejects.csv``, found from ImportExampleGen's
-  ``input_base``), a few training images per class (ExampleGen's examples);
+* data: class counts per split and the rejects (``summary.json`` and
+  ``rejects.csv`` of ImageExampleGen's ``report`` artifact, or of the prepared
+  folder that ImportExampleGen read), a few training images per class (ExampleGen's examples);
 * training: the Trainer's ``history.json`` (loss, accuracy, learning rate,
   time per epoch and per step for both phases; strategy, precision, devices);
 * evaluation: TFMA's metrics, per-class figures and confusion matrix

@@ -38,7 +38,9 @@ class RunArtifacts:
     eval_split: str = ""
     eval_examples_uri: str = ""  # ExampleGen's (raw) examples the Evaluator read
     train_examples_uri: str = ""  # ExampleGen's examples (Split-train)
-    prepared_dir: str = ""
+    prepared_dir: str = ""  # ImportExampleGen's input (visiontune prepare's folder)
+    ingest_report_uri: str = ""  # ImageExampleGen's report: rejects.csv, summary.json
+    classes_uri: str = ""  # ImageExampleGen's class list
     model_run_dir: str = ""  # the Trainer's ModelRun: history.json, TensorBoard logs
     evaluator_state: str = ""
 
@@ -61,11 +63,14 @@ def find_artifacts(metadata_path: str, model_uri: str = "") -> RunArtifacts:
         if examples:
             found.eval_examples_uri = examples[0].uri
             example_gen = run_metadata.producer(store, examples[0].id)
-    if example_gen is None:
-        example_gen = run_metadata.latest_execution(store, "ImportExampleGen")
+    for name in ("ImageExampleGen", "ImportExampleGen"):
+        example_gen = example_gen or run_metadata.latest_execution(store, name)
     if example_gen is not None:
         found.prepared_dir = run_metadata.prop(example_gen, "input_base", "") or ""
-        examples = run_metadata.outputs(store, example_gen.id).get("examples", [])
+        outputs = run_metadata.outputs(store, example_gen.id)
+        found.ingest_report_uri = outputs["report"][0].uri if outputs.get("report") else ""
+        found.classes_uri = outputs["classes"][0].uri if outputs.get("classes") else ""
+        examples = outputs.get("examples", [])
         if examples:
             found.train_examples_uri = examples[0].uri
             found.eval_examples_uri = found.eval_examples_uri or examples[0].uri
@@ -98,7 +103,7 @@ def confused_pairs(matrix: Sequence[Sequence[int]], classes: Sequence[str], limi
 
 def gather(output_dir: str, max_eval_examples: int = MAX_EVAL_EXAMPLES) -> Dict[str, Any]:
     """Everything the report shows: ``{"data": numbers and text, "figures": {file name: PNG bytes}}``."""
-    from visiontune.components import prepare
+    from visiontune.components import ingest_artifacts, prepare
 
     metadata_path = os.path.join(output_dir, features.METADATA_DB_FILE)
     summary = results.summarize_run(metadata_path)
@@ -126,13 +131,16 @@ def gather(output_dir: str, max_eval_examples: int = MAX_EVAL_EXAMPLES) -> Dict[
     classes = list(summary.classes or (meta or {}).get("classes", []))
     # ---- data
     prepared = None
-    if arts.prepared_dir and os.path.exists(os.path.join(arts.prepared_dir, features.SUMMARY_FILE)):
+    if arts.ingest_report_uri:
+        prepared = attempt("ingest report", lambda: ingest_artifacts.load_result(
+            arts.ingest_report_uri, arts.classes_uri))
+    elif arts.prepared_dir and os.path.exists(os.path.join(arts.prepared_dir, features.SUMMARY_FILE)):
         prepared = attempt("prepared dataset", lambda: prepare.load_result(arts.prepared_dir))
     elif arts.prepared_dir:
         problems.append(f"prepared dataset: no {features.SUMMARY_FILE} in {arts.prepared_dir}")
     classes = classes or (prepared.classes if prepared else [])
     data["classes"] = classes
-    data["prepared_dir"] = arts.prepared_dir
+    data["prepared_dir"] = arts.prepared_dir or arts.ingest_report_uri
     if prepared is not None:
         data["counts"] = prepared.counts
         data["rejects"] = [list(r) for r in prepared.rejects]

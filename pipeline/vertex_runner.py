@@ -115,7 +115,12 @@ def validate(config: configs.Config) -> VertexPaths:
         _check_gcs("vertex.root", vertex.root)
     paths = resolve_paths(vertex)
     _check_gcs("vertex.pipeline_root", paths.pipeline_root)
-    _check_gcs("vertex.prepared_dir", paths.prepared_dir)
+    if config.data.example_gen == "images":
+        _check_gcs("data.source", config.data.source)
+        if config.data.test_source:
+            _check_gcs("data.test_source", config.data.test_source)
+    else:
+        _check_gcs("vertex.prepared_dir", paths.prepared_dir)
     _check_gcs("vertex.serving_dir", paths.serving_dir)
     if vertex.dataflow.enabled:
         _check_gcs("vertex.dataflow.temp_location", paths.temp_location)
@@ -157,14 +162,17 @@ def weights_on_vertex(config: configs.Config) -> str:
 def cloud_config(config: configs.Config, paths: VertexPaths) -> configs.Config:
     """The config as the components on Google Cloud see it: GCS paths, no local ones.
 
-    The ingest settings (``data.source`` ...) stay behind: ``visiontune
-    prepare`` runs before the pipeline, and its output is uploaded to
-    ``vertex.prepared_dir``.
+    With images in, ImageExampleGen reads ``data.source`` (a ``gs://`` folder)
+    on Dataflow.  With TFRecords in, the ingest settings stay behind: the
+    TFRecords were written before and uploaded to ``vertex.prepared_dir``.
     """
     cloud = copy.deepcopy(config)
-    cloud.data.source = cloud.data.test_source = ""
-    cloud.data.labels_csv = cloud.data.test_labels_csv = ""
-    cloud.data.prepared_dir = paths.prepared_dir
+    if config.data.example_gen == "images":
+        cloud.data.prepared_dir = ""
+    else:
+        cloud.data.source = cloud.data.test_source = ""
+        cloud.data.labels_csv = cloud.data.test_labels_csv = ""
+        cloud.data.prepared_dir = paths.prepared_dir
     cloud.model.weights = weights_on_vertex(config)
     cloud.pipeline.output_dir = paths.pipeline_root
     cloud.pipeline.serving_dir = paths.serving_dir
@@ -251,13 +259,23 @@ def endpoint_push(config: configs.Config) -> Optional[Dict[str, Any]]:
     }
 
 
-def load_classes(config: configs.Config, classes_file: Optional[str] = None) -> Tuple[List[str], bool]:
+def load_classes(config: configs.Config, classes_file: Optional[str] = None
+                 ) -> Tuple[Optional[List[str]], bool]:
     """The class order and whether a test split exists, without touching GCS.
 
-    From ``classes_file``, else the local prepared dataset (``data.prepared_dir``,
-    the folder uploaded to ``vertex.prepared_dir``), else ``data.classes``.
+    With images in: ``(None, whether data.test_source is set)``; ImageExampleGen
+    finds the classes when the pipeline runs, and ``classes_file`` is refused.
+    With TFRecords in: from ``classes_file``, else the local prepared dataset
+    (``data.prepared_dir``, the folder uploaded to ``vertex.prepared_dir``),
+    else ``data.classes``.
     """
     from visiontune.components import prepare
+
+    if config.data.example_gen == "images":
+        if classes_file:
+            raise VertexError("--classes-file: only with data.example_gen 'tfrecords'; with images the "
+                              "pipeline reads the classes from data.source when it runs")
+        return None, bool(config.data.test_source)
 
     prepared_dir = config.data.prepared_dir
     local_prepared = bool(prepared_dir) and "://" not in prepared_dir and prepare.is_prepared(prepared_dir)
@@ -287,7 +305,7 @@ def load_classes(config: configs.Config, classes_file: Optional[str] = None) -> 
     return classes, has_test
 
 
-def create_vertex_pipeline(config: configs.Config, classes: Sequence[str], has_test_split: bool):
+def create_vertex_pipeline(config: configs.Config, classes: Optional[Sequence[str]], has_test_split: bool):
     """The pipeline with Google Cloud settings; ``config`` must pass ``validate``."""
     from visiontune.pipeline import pipeline as pipeline_lib
 
@@ -304,9 +322,14 @@ def create_vertex_pipeline(config: configs.Config, classes: Sequence[str], has_t
     )
 
 
-def compile_pipeline(config: configs.Config, output: str, classes: Sequence[str],
+def compile_pipeline(config: configs.Config, output: str, classes: Optional[Sequence[str]],
                      has_test_split: bool) -> Dict[str, Any]:
-    """Writes the PipelineJob JSON to ``output`` and returns it.  Offline, no credentials."""
+    """Writes the PipelineJob JSON to ``output`` and returns it.  Offline, no credentials.
+
+    ImageExampleGen's step is compiled with caching off: Vertex AI does not run
+    TFX component drivers, so the sources' fingerprint that keys the local
+    cache is not computed there, and a cached step would miss new images.
+    """
     from tfx import v1 as tfx
 
     pipeline = create_vertex_pipeline(config, classes, has_test_split)
@@ -316,7 +339,15 @@ def compile_pipeline(config: configs.Config, output: str, classes: Sequence[str]
             default_image=config.vertex.image),
         output_dir=os.path.dirname(output),
         output_filename=os.path.basename(output))
-    return runner.run(pipeline, write_out=True)
+    job = runner.run(pipeline, write_out=False)
+    tasks = job.get("pipelineSpec", {}).get("root", {}).get("dag", {}).get("tasks", {})
+    if "ImageExampleGen" in tasks:
+        tasks["ImageExampleGen"]["cachingOptions"] = {}
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    with open(output + ".incomplete", "w", encoding="utf-8") as f:
+        json.dump(job, f, sort_keys=True, indent=2)
+    os.replace(output + ".incomplete", output)
+    return job
 
 
 # --- submission: the only part that needs Google Cloud -------------------------------------

@@ -52,7 +52,7 @@ def test_demo_runs_the_whole_pipeline_offline(tmp_path):
     assert_quiet(result.stderr)
     starts, ends = progress_lines(result.stderr)
     assert len(starts) == len(ends) == int(starts[0][1]) >= 8
-    assert {"ImportExampleGen", "Transform", "Trainer", "Evaluator", "Pusher"} <= {s[2] for s in starts}
+    assert {"ImageExampleGen", "Transform", "Trainer", "Evaluator", "Pusher"} <= {s[2] for s in starts}
     assert not any(how for *_, how in ends)  # a first run: nothing cached
     assert len(EPOCH_LINE.findall(result.stdout)) == 12  # the demo's fine_tune.epochs
     assert re.search(r"^report: .*index\.html$", result.stderr, re.M)
@@ -97,7 +97,8 @@ def _shape_run_args(tmp_path, prepared_dir):
         if path.is_file() and ".tfrecord" in path.name:
             path.unlink()
     return ["run", "--prepared-dir", str(prepared), "--output-dir", str(tmp_path / "run"),
-            "--serving-dir", str(tmp_path / "serving"), "--set", "model.weights=none"]
+            "--serving-dir", str(tmp_path / "serving"), "--set", "model.weights=none",
+            "--set", "data.example_gen=tfrecords"]
 
 
 def test_a_failing_component_says_so_and_verbose_brings_the_library_logs_back(tmp_path, shapes_prepared):

@@ -170,7 +170,7 @@ def test_compare_errors_are_one_line(tmp_path, capsys):
 def _settings(prepared_dir):
     weights = MOBILENET_V2_035 if os.path.exists(MOBILENET_V2_035) else "none"
     return weights, [
-        f"data.prepared_dir={prepared_dir}",
+        f"data.prepared_dir={prepared_dir}", "data.example_gen=tfrecords",
         "model.image_size=32", "model.head.dense_units=[16]", "model.head.dropout=0.1",
         "training.batch_size=8", "training.warmup.epochs=1", "training.warmup.learning_rate=0.01",
         "training.fine_tune.epochs=1", "training.fine_tune.learning_rate=0.001",

@@ -85,7 +85,7 @@ def test_rerun_with_unchanged_inputs_reuses_cached_outputs(first_run, gtsrb_slic
     config, first = first_run
     summary = local_runner.run(config)
     states = _executions_by_state(config)
-    for component in ("ImportExampleGen", "StatisticsGen", "SchemaGen", "ExampleValidator",
+    for component in ("ImageExampleGen", "StatisticsGen", "SchemaGen", "ExampleValidator",
                       "Transform", "Trainer"):
         assert states[component] == "CACHED", (component, states)
     # The Evaluator runs again (its baseline is now the first model, i.e. itself),

@@ -241,8 +241,13 @@ def test_cdnet_pipeline_pushes_a_model_whose_metrics_match_its_masks(cdnet_run):
 
     # TFMA's pixel accuracy is the share of non-void test pixels the model gets right.
     model = tf.saved_model.load(summary.pushed_dir)
-    test_files = glob.glob(os.path.join(config.data.prepared_dir, "test", "*"))
-    records = [r.numpy() for r in tf.data.TFRecordDataset(test_files)]
+    # The test examples as ImageExampleGen wrote them (gzipped TFRecords), found through ML Metadata.
+    from visiontune.pipeline import local_runner, run_metadata
+
+    store = run_metadata.open_store(local_runner.metadata_path(config))
+    examples = run_metadata.outputs(store, run_metadata.latest_execution(store, "ImageExampleGen").id)["examples"]
+    test_files = glob.glob(os.path.join(examples[0].uri, "Split-test", "*"))
+    records = [r.numpy() for r in tf.data.TFRecordDataset(test_files, compression_type="GZIP")]
     predicted = model.signatures["serving_examples"](examples=tf.constant(records))["class_ids"].numpy()
     truth = model.signatures["transform_features"](examples=tf.constant(records))["mask_ids"].numpy()
     valid = truth != features.VOID_ID

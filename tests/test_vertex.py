@@ -32,15 +32,25 @@ ORDER = ["ImportExampleGen", "StatisticsGen", "SchemaGen", "ExampleValidator", "
          "Trainer", "Evaluator", "Pusher"]
 
 
+GCS_SOURCE = "gs://test-bucket/images/gtsrb/Final_Training/Images"
+GCS_TEST_SOURCE = "gs://test-bucket/images/gtsrb/Final_Test/Images"
+IMAGES_ON_GCS = [f"data.source={GCS_SOURCE}", f"data.test_source={GCS_TEST_SOURCE}"]
+IMAGES_ON_GCS_ARGS = [arg for setting in IMAGES_ON_GCS for arg in ("--set", setting)]
+
+
 def _classes_file(tmp_path):
     path = tmp_path / "classes.txt"
     path.write_text("\n".join(GTSRB_CLASSES) + "\n")
     return str(path)
 
 
-def _gtsrb(overrides=()):
-    """The GTSRB config as the Vertex compile loads it: no files of this machine (../shared) are needed."""
-    return configs.load_config(GTSRB_CONFIG, list(overrides), local_files=False)
+def _gtsrb(overrides=(), example_gen="tfrecords"):
+    """The GTSRB config as the Vertex compile loads it: no files of this machine (../shared) are needed.
+
+    TFRecords in (uploaded to ``vertex.prepared_dir``) unless ``example_gen`` says images.
+    """
+    return configs.load_config(GTSRB_CONFIG, [f"data.example_gen={example_gen}"] + list(overrides),
+                               local_files=False)
 
 
 def _compile(tmp_path, *overrides, classes=None):
@@ -134,7 +144,7 @@ def test_every_step_runs_in_the_image_with_module_code_inside(gpu_job):
 def test_trainer_runs_on_vertex_ai_training_with_the_configured_gpu(gpu_job):
     spec = _spec(gpu_job[0])
     assert _args(_container(spec, "Trainer"))[1] == \
-        "tfx.extensions.google_cloud_ai_platform.trainer.executor.GenericExecutor"
+        "visiontune.components.class_aware_vertex.VertexTrainerExecutor"
     custom = _trainer_custom_config(spec)
     assert custom["ai_platform_enable_vertex"] is True
     assert custom["ai_platform_vertex_region"] == "europe-west4"
@@ -275,7 +285,7 @@ def test_classes_and_test_split_from_a_local_prepared_dataset(shapes_prepared, t
 
 def test_local_pipeline_of_the_same_config_is_unchanged(tmp_path, caplog):
     """The vertex: section changes nothing locally: stock Trainer, our Pusher, DirectRunner only."""
-    from visiontune.components import prepare, pusher
+    from visiontune.components import class_aware, prepare, pusher
     from visiontune.pipeline import local_runner, pipeline as pipeline_lib
 
     config = _gtsrb(VERTEX + [f"pipeline.output_dir={tmp_path / 'run'}"])
@@ -285,7 +295,7 @@ def test_local_pipeline_of_the_same_config_is_unchanged(tmp_path, caplog):
     pipeline = local_runner.create_local_pipeline(config, prepared)
     by_id = {c.id: c for c in pipeline.components}
     assert "endpoint_pusher" not in by_id
-    assert type(by_id["Trainer"]).__module__ == "tfx.components.trainer.component"
+    assert type(by_id["Trainer"]) is class_aware.Trainer  # TFX's Trainer, plus the class list input
     # A Pusher subclass, not the deprecated custom_executor_spec (which logs a warning).
     assert type(by_id["Pusher"]) is pusher.Pusher
     assert by_id["Pusher"].executor_spec.executor_class is pusher.Executor
@@ -319,12 +329,13 @@ def _no_credentials_env(tmp_path):
 def test_cli_compile_then_submit_without_credentials(tmp_path):
     env = _no_credentials_env(tmp_path)
     output = tmp_path / "out" / "pipeline.json"
+    # Images in (the default): no local dataset and no class list are needed to compile.
     result = _cli("compile", "--config", GTSRB_CONFIG, "--target", "vertex", "--output", str(output),
-                  "--classes-file", _classes_file(tmp_path), "--project", "test-project",
-                  "--gcs-root", ROOT, "--image", IMAGE, "--set", "data.prepared_dir=" + str(tmp_path / "none"),
-                  env=env)
+                  "--project", "test-project", "--gcs-root", ROOT, "--image", IMAGE,
+                  *IMAGES_ON_GCS_ARGS, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "compiled gtsrb" in result.stdout and "Traceback" not in result.stderr
+    assert f"reads images   {GCS_SOURCE}" in result.stdout
     json_format.ParseDict(json.loads(output.read_text()), pipeline_spec_pb2.PipelineJob())
 
     result = _cli("submit", str(output), "--project", "test-project", "--region", "us-central1",
@@ -339,9 +350,18 @@ def test_cli_compile_then_submit_without_credentials(tmp_path):
 
 def test_cli_compile_errors_are_one_line(tmp_path):
     result = _cli("compile", "--config", GTSRB_CONFIG, "--output", str(tmp_path / "p.json"),
-                  "--classes-file", _classes_file(tmp_path), env=_no_credentials_env(tmp_path))
+                  *IMAGES_ON_GCS_ARGS, env=_no_credentials_env(tmp_path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "placeholder" in result.stderr
+    # Images on this machine cannot be read by Vertex AI; a class list is not for images in.
+    result = _cli("compile", "--config", GTSRB_CONFIG, "--output", str(tmp_path / "p.json"),
+                  "--project", "test-project", "--gcs-root", ROOT, "--image", IMAGE)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "data.source: " in result.stderr and "is not a gs:// location" in result.stderr
+    result = _cli("compile", "--config", GTSRB_CONFIG, "--output", str(tmp_path / "p.json"),
+                  "--project", "test-project", "--gcs-root", ROOT, "--image", IMAGE, *IMAGES_ON_GCS_ARGS,
+                  "--classes-file", _classes_file(tmp_path))
+    assert result.returncode == 2 and "--classes-file: only with data.example_gen 'tfrecords'" in result.stderr
     result = _cli("submit", str(tmp_path / "nope.json"), "--project", "p", "--region", "r")
     assert result.returncode == 2 and "cannot read the compiled pipeline" in result.stderr
 
@@ -361,3 +381,47 @@ def test_remote_weights_are_copied_to_a_local_file_for_keras(tmp_path):
     assert backbones.resolve_weights(f"file://{source}") == local  # cached
     with pytest.raises(FileNotFoundError, match="no such weights file"):
         backbones.resolve_weights(f"file://{tmp_path}/missing.h5")
+
+
+@pytest.fixture(scope="module")
+def images_job(tmp_path_factory):
+    """The GTSRB config with images in (the default), its images on GCS: no class list given."""
+    config = _gtsrb(VERTEX + IMAGES_ON_GCS, example_gen="images")
+    output = tmp_path_factory.mktemp("images") / "pipeline.json"
+    classes, has_test = vertex_runner.load_classes(config)
+    assert classes is None and has_test
+    vertex_runner.compile_pipeline(config, str(output), classes, has_test)
+    job_dict = json.loads(output.read_text())
+    return json_format.ParseDict(job_dict, pipeline_spec_pb2.PipelineJob()), job_dict
+
+
+def test_images_in_ingest_runs_on_dataflow_and_the_classes_are_read_at_run_time(images_job):
+    spec = _spec(images_job[0])
+    tasks = spec.root.dag.tasks
+    assert "ImportExampleGen" not in tasks
+    deps = {name: set(tasks[name].dependent_tasks) for name in tasks}
+    assert deps["StatisticsGen"] == {"ImageExampleGen"}
+    # The class list is an artifact of ingest, an input of Transform, the Trainer and the Evaluator.
+    for name in ("Transform", "Trainer", "Evaluator"):
+        assert "ImageExampleGen" in deps[name], name
+        assert tasks[name].inputs.artifacts["classes"].task_output_artifact.producer_task == "ImageExampleGen"
+    data = json.loads(_param(spec, "ImageExampleGen", "data"))
+    assert data["source"] == GCS_SOURCE and data["test_source"] == GCS_TEST_SOURCE
+    assert data["labels_csv"] == "*/GT-*.csv" and data["split_group_regex"]
+    assert "classes" not in _trainer_custom_config(spec)
+    assert "classes" not in json.loads(_param(spec, "Transform", "custom_config"))
+    assert _args(_container(spec, "ImageExampleGen"))[:2] == [
+        "--executor_class_path", "visiontune.components.image_example_gen_executor.Executor"]
+    beam = _args(_container(spec, "ImageExampleGen"))
+    assert "--runner=DataflowRunner" in beam and not any(a.startswith("--direct_") for a in beam)
+    # Vertex AI runs no TFX driver, so the sources' fingerprint is not in its cache key: never cached.
+    assert not tasks["ImageExampleGen"].caching_options.enable_cache
+    assert tasks["Transform"].caching_options.enable_cache
+
+
+def test_images_in_leave_no_local_path_in_the_spec(images_job, tmp_path):
+    text = json.dumps(images_job[1]).replace('\\"', '"')
+    for local in (REPO, os.path.dirname(REPO), os.getcwd(), str(tmp_path)):
+        assert local not in text, local
+    locations = set(re.findall(r"[a-z]+://[^\"\\\s]+", text))
+    assert locations and all(loc.startswith("gs://test-bucket/") for loc in locations), locations

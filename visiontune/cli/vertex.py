@@ -51,8 +51,9 @@ def cmd_compile(args) -> int:
     print(f"compiled {config.pipeline.name} for Vertex AI Pipelines: {args.output}\n"
           f"  image          {config.vertex.image}\n"
           f"  pipeline root  {paths.pipeline_root}\n"
-          f"  reads          {paths.prepared_dir} ({len(classes)} classes)\n"
-          f"  pushes to      {paths.serving_dir}/{config.pipeline.model_name}"
+          + (f"  reads          {paths.prepared_dir} ({len(classes)} classes)\n" if classes is not None else
+             f"  reads images   {config.data.source} (classes found when it runs)\n")
+          + f"  pushes to      {paths.serving_dir}/{config.pipeline.model_name}"
           + (f" and endpoint {config.vertex.endpoint.name}" if config.vertex.endpoint.name else "")
           + f"\nsubmit: visiontune submit {args.output} --project {config.vertex.project} "
             f"--region {config.vertex.region}")
@@ -81,8 +82,9 @@ def add_commands(subparsers) -> None:
     options.add_config_args(p, _COMPILE_SHORTCUTS)
     p.add_argument("--target", choices=["vertex"], default="vertex", help="orchestrator (vertex)")
     p.add_argument("--output", "-o", default="pipeline.json", help="the JSON file to write")
-    p.add_argument("--classes-file", help="class names, one a line (default: classes.txt of the "
-                                          "local data.prepared_dir, else data.classes)")
+    p.add_argument("--classes-file", help="with data.example_gen tfrecords: class names, one a line "
+                                          "(default: classes.txt of the local data.prepared_dir, else "
+                                          "data.classes)")
     p.set_defaults(func=cmd_compile)
 
     p = subparsers.add_parser(

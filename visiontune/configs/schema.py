@@ -33,11 +33,21 @@ SEGMENTATION_OUTPUTS = ("softmax", "sigmoid")
 SEGMENTATION_CLASSES = ["background", "foreground"]
 
 
+EXAMPLE_GENS = ("images", "tfrecords")
+
+
 @dataclasses.dataclass
 class DataConfig:
-    """Where the images are and how ``visiontune prepare`` turns them into TFRecords.
+    """Where the images are and how ingest turns them into ``tf.Example`` TFRecords.
 
     Attributes:
+      example_gen: the pipeline's first component.  ``images``: ImageExampleGen
+        reads ``source`` (and ``test_source``) on Beam, local folders or
+        ``gs://``, and records the examples, the class list and the rejects
+        in ML Metadata.  ``tfrecords``: ImportExampleGen reads
+        ``prepared_dir``, TFRecords of ``tf.Example`` in ``train/``, ``eval/``
+        (and ``test/``) folders, with ``classes.txt`` beside them or the
+        classes in ``classes``: what ``visiontune prepare`` writes, or your own.
       source: a class-per-folder tree, or the folder that ``labels_csv`` names
         files relative to.
       labels_csv: a CSV (or a glob of CSVs, relative to ``source``) giving each
@@ -56,17 +66,19 @@ class DataConfig:
         expression over the relative path whose first group names the group,
         e.g. GTSRB's tracks ``^(\\d+/\\d+)_`` for ``00007/00012_00029.ppm``.
         Frames of one track then stay on one side.
-      prepared_dir: the output of ``visiontune prepare`` and the input of the
-        pipeline's ExampleGen.
+      prepared_dir: the output of ``visiontune prepare``; the pipeline's input
+        when ``example_gen`` is ``tfrecords``.
       num_shards: TFRecord files per split (at least 1).
       max_file_bytes: files larger than this are rejected (listed in
         ``rejects.csv``), not read.
       max_pixels: images with more pixels than this are rejected, not decoded.
-      workers: worker processes for ingest; 0: all cores.
+      workers: worker processes for ingest (Beam's DirectRunner in
+        multi-processing mode above 1); 0: all cores.
       classes: the ordered class names.  Empty: discovered and sorted
         naturally ("2" before "10").  Labels not listed are rejected.
     """
 
+    example_gen: str = setting("images", choices=EXAMPLE_GENS)
     source: str = ""
     labels_csv: str = ""
     csv_delimiter: str = setting(";", required=True, expect="a single character")
