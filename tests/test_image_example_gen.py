@@ -194,3 +194,11 @@ def test_csv_labels_on_another_filesystem_are_listed_as_locally(tmp_path):
                              [(os.path.basename(path), reason.split(" in ")[0]) for path, reason in rejects])
         assert listed[url] == listed[str(local)]
         assert len(listed[url][0]) == 9 and len(listed[url][1]) == 3
+
+
+def test_the_module_beam_workers_import_loads_no_tensorflow():
+    """Workers unpickle ``WriteShard`` by importing its module: it must stay light (seconds and GBs)."""
+    code = ("import sys, visiontune.components.ingest_beam\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'tfx', 'tf_keras'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

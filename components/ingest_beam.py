@@ -1,0 +1,152 @@
+"""Ingest's Beam work: each output shard's images read, checked, encoded and written by one worker.
+
+One Beam element per output shard, not per image.  Why:
+
+* byte-for-byte reproducible output needs a fixed record order inside each
+  file, which Beam's shuffling sinks do not keep (TFX's own ExampleGen writer
+  reshuffles); each file's records are in relative-path order, whatever the
+  runner and the worker count;
+* memory stays flat as the dataset grows: a worker holds one image at a time,
+  never a whole shard or split;
+* the parallelism is the number of shards (``data.num_shards`` per split):
+  raise it for more Dataflow workers.
+
+Files are written through Beam's ``FileSystems`` (local or ``gs://``) under a
+temporary name and renamed into place, records framed by Beam's TFRecord
+coder.  Per-split and per-class counts and the rejects come back through small
+Beam combines into one JSON file, read back by ``read_outcome``.
+
+This module is what Beam's worker processes import to run ``WriteShard``: it
+imports Beam, Pillow and NumPy, not TensorFlow or TFX, so a worker starts in
+a second and holds no TensorFlow runtime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.tfrecordio import _TFRecordUtil
+
+from visiontune.components.image_encoding import encode_example
+from visiontune.components.shard_writer import shard_index
+
+# TFX's ExampleGens name their files so (tfx.components.example_gen.write_split).
+EXAMPLE_GEN_FILE_PREFIX = "data_tfrecord"
+_REJECTS, _TOTALS = "rejects", "totals"
+
+
+def example_gen_shard_file(index: int, count: int) -> str:
+    return f"{EXAMPLE_GEN_FILE_PREFIX}-{index:05d}-of-{count:05d}.gz"
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardTask:
+    """One output file and the images that go into it, in the order they are written."""
+
+    split: str
+    path: str
+    # (position in the whole listing, path, relpath, label, mask path)
+    entries: Tuple[Tuple[int, str, str, str, str], ...]
+
+
+def shard_tasks(items: Sequence[Any], splits: Sequence[str], num_shards: int,
+                shard_path: Callable[[str, int, int], str]) -> List[ShardTask]:
+    """Every output file of every split (empty ones too), with its images in relative-path order.
+
+    ``items``: ``image_listing._Item``s; ``shard_path(split, index, count)``
+    names each file.  Positions number the items in (split, relpath) order:
+    the order of the rejects report.
+    """
+    ordered = sorted(items, key=lambda i: (splits.index(i.split), i.relpath))
+    tasks = []
+    for split in splits:
+        listed = [(n, i) for n, i in enumerate(ordered) if i.split == split]
+        count = max(1, min(num_shards, len(listed)))
+        shards: List[List[Tuple[int, str, str, str, str]]] = [[] for _ in range(count)]
+        for position, item in listed:
+            shards[shard_index(item.relpath, count)].append(
+                (position, item.path, item.relpath, item.label, item.mask))
+        tasks += [ShardTask(split, shard_path(split, index, count), tuple(entries))
+                  for index, entries in enumerate(shards)]
+    return tasks
+
+
+class WriteShard(beam.DoFn):
+    """Encodes a shard's images one by one into its file.
+
+    Main output: ``(split, label)`` once per label an image counts for;
+    tagged ``totals``: the split of each image written; tagged ``rejects``:
+    ``(position, path, reason)`` of each image refused.
+    """
+
+    def __init__(self, max_file_bytes: int, max_pixels: int, class_values: Optional[Sequence] = None,
+                 gzip: bool = True):
+        self._limits = (max_file_bytes, max_pixels)
+        self._class_values = class_values
+        self._compression = CompressionTypes.GZIP if gzip else CompressionTypes.UNCOMPRESSED
+        self._written = beam.metrics.Metrics.counter("visiontune.ingest", "images_written")
+        self._rejected = beam.metrics.Metrics.counter("visiontune.ingest", "images_rejected")
+
+    def process(self, task: ShardTask) -> Iterator[Any]:
+        incomplete = task.path + ".incomplete"
+        with FileSystems.create(incomplete, compression_type=self._compression) as f:
+            for position, path, relpath, label, mask in task.entries:
+                example, reason, labels = encode_example(path, relpath, label, mask, *self._limits,
+                                                         class_values=self._class_values)
+                if example is None:
+                    self._rejected.inc()
+                    yield beam.pvalue.TaggedOutput(_REJECTS, (position, path, reason))
+                    continue
+                _TFRecordUtil.write_record(f, example)
+                self._written.inc()
+                yield beam.pvalue.TaggedOutput(_TOTALS, task.split)
+                for name in labels:
+                    yield task.split, name
+        FileSystems.rename([incomplete], [task.path])
+
+
+def _write_outcome(_, path: str, counts, totals, rejects) -> None:
+    outcome = {"counts": [[s, c, n] for (s, c), n in sorted(counts)],
+               "totals": sorted(totals), "rejects": sorted(rejects)}
+    with FileSystems.create(path) as f:
+        f.write(json.dumps(outcome).encode("utf-8"))
+
+
+@beam.ptransform_fn
+def EncodeAndWrite(pipeline: beam.Pipeline, tasks: Sequence[ShardTask], outcome_path: str,
+                   max_file_bytes: int, max_pixels: int, class_values: Optional[Sequence] = None,
+                   gzip: bool = True):
+    """Writes every shard; the counts and rejects go to ``outcome_path`` (see ``read_outcome``)."""
+    results = (pipeline
+               | "Shards" >> beam.Create(tasks)
+               | "Spread" >> beam.Reshuffle()
+               | "Write" >> beam.ParDo(WriteShard(max_file_bytes, max_pixels, class_values, gzip))
+               .with_outputs(_REJECTS, _TOTALS, main="labels"))
+    counts = results.labels | "CountLabels" >> beam.combiners.Count.PerElement()
+    totals = results[_TOTALS] | "CountImages" >> beam.combiners.Count.PerElement()
+    return (pipeline
+            | "One" >> beam.Create([None])
+            | "Outcome" >> beam.Map(_write_outcome, outcome_path,
+                                    counts=beam.pvalue.AsList(counts), totals=beam.pvalue.AsList(totals),
+                                    rejects=beam.pvalue.AsList(results[_REJECTS])))
+
+
+def read_outcome(outcome_path: str, classes: Sequence[str], splits: Sequence[str], segmentation: bool
+                 ) -> Tuple[Dict[str, Dict[str, int]], Dict[str, int], List[Tuple[str, str]]]:
+    """(per split and class counts, images per split, rejects in listing order) of ``EncodeAndWrite``.
+
+    Segmentation labels are class indices (the classes present in a mask).
+    """
+    with FileSystems.open(outcome_path) as f:
+        outcome = json.loads(f.read().decode("utf-8"))
+    counts = {s: {c: 0 for c in classes} for s in splits}
+    for split, label, n in outcome["counts"]:
+        counts[split][classes[int(label)] if segmentation else label] = n
+    totals = {s: 0 for s in splits}
+    totals.update({split: n for split, n in outcome["totals"]})
+    return counts, totals, [(path, reason) for _, path, reason in outcome["rejects"]]
