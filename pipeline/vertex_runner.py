@@ -140,6 +140,13 @@ def validate(config: configs.Config) -> VertexPaths:
                           "several GPUs on it train with MirroredStrategy)")
     if is_tpu(training.accelerator_type) and not training.tpu:
         raise VertexError("vertex.training.tpu: empty, but the accelerator is a TPU")
+    if is_tpu(training.accelerator_type) and training.image in ("", vertex.image):
+        raise VertexError(
+            f"vertex.training.image: the accelerator is a TPU ({training.accelerator_type}) but the training "
+            f"image is vertex.image, whose TensorFlow is the CPU/GPU build and sees no TPU; build Dockerfile.tpu "
+            "(TensorFlow's TPU build and libtpu) and set vertex.training.image to it")
+    if training.image:
+        _check_placeholder("vertex.training.image", training.image)
     weights = weights_on_vertex(config)
     if weights.lower() not in ("imagenet", "none", "") and not weights.startswith(GCS_PREFIX):
         raise VertexError(
@@ -216,7 +223,7 @@ def training_job_spec(config: configs.Config) -> Dict[str, Any]:
     pool: Dict[str, Any] = {
         "machine_spec": machine_spec,
         "replica_count": training.replica_count,
-        "container_spec": {"image_uri": vertex.image},
+        "container_spec": {"image_uri": training.image or vertex.image},
     }
     if training.boot_disk_size_gb:
         pool["disk_spec"] = {"boot_disk_type": "pd-ssd", "boot_disk_size_gb": training.boot_disk_size_gb}

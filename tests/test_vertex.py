@@ -23,6 +23,7 @@ from visiontune.pipeline import vertex_runner
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GTSRB_CONFIG = os.path.join(REPO, "configs", "gtsrb.yaml")
 IMAGE = "us-central1-docker.pkg.dev/test-project/visiontune/visiontune:0.1.0"
+TPU_IMAGE = "us-central1-docker.pkg.dev/test-project/visiontune/visiontune-tpu:0.1.0"
 ROOT = "gs://test-bucket/visiontune/gtsrb"
 GTSRB_CLASSES = [str(i) for i in range(43)]
 VERTEX = ["vertex.project=test-project", "vertex.region=europe-west4", f"vertex.root={ROOT}",
@@ -212,14 +213,31 @@ def test_four_v100s_and_a_tpu(tmp_path):
     # Several GPUs on one machine: components.strategy picks MirroredStrategy from the hardware.
     assert custom["config"]["training"]["tpu"] == ""
 
-    job, _ = _compile(tmp_path, "vertex.training.machine_type=cloud-tpu",
-                      "vertex.training.accelerator_type=TPU_V3", "vertex.training.accelerator_count=8")
+    tpu = ["vertex.training.machine_type=cloud-tpu", "vertex.training.accelerator_type=TPU_V3",
+           "vertex.training.accelerator_count=8"]
+    # The default image has TensorFlow's CPU/GPU build, which sees no TPU: refused.
+    with pytest.raises(vertex_runner.VertexError, match="vertex.training.image: .*Dockerfile.tpu"):
+        _compile(tmp_path, *tpu)
+    with pytest.raises(vertex_runner.VertexError, match="vertex.training.image: "):
+        _compile(tmp_path, *tpu, f"vertex.training.image={IMAGE}")
+    job, _ = _compile(tmp_path, *tpu, f"vertex.training.image={TPU_IMAGE}")
     custom = _trainer_custom_config(_spec(job))
     (pool,) = custom["ai_platform_training_args"]["job_spec"]["worker_pool_specs"]
     assert pool["machine_spec"] == {"machine_type": "cloud-tpu", "accelerator_type": "TPU_V3",
                                     "accelerator_count": 8}
+    assert pool["container_spec"] == {"image_uri": TPU_IMAGE}  # the training job only
+    assert _container(_spec(job), "Transform").fields["image"].string_value == IMAGE
     # training.tpu set: components.strategy.create_strategy builds a TPUStrategy.
     assert custom["config"]["training"]["tpu"] == "local"
+
+
+def test_the_tpu_image_is_the_default_image_with_tensorflows_tpu_build():
+    """``Dockerfile.tpu`` replaces TensorFlow with tensorflow-tpu of the same version, and adds libtpu."""
+    pinned = re.search(r"^tensorflow==(\S+)$", open(os.path.join(REPO, "constraints.txt")).read(), re.M).group(1)
+    text = open(os.path.join(REPO, "Dockerfile.tpu")).read()
+    assert re.search(r"^ARG BASE_IMAGE$", text, re.M) and "FROM ${BASE_IMAGE}" in text
+    assert f"tensorflow-tpu=={pinned}" in text and "libtpu-releases" in text
+    assert "pip uninstall -y tensorflow" in text
 
 
 def test_optional_endpoint_push_and_dataflow_off(tmp_path):

@@ -63,6 +63,10 @@ class VertexTrainingConfig:
       replica_count: machines (>= 1; the compile accepts 1: several GPUs on
         one machine train with MirroredStrategy).
       boot_disk_size_gb: 0: Vertex's default (100 GB).
+      image: the training job's container image; empty: ``vertex.image``.
+        A TPU accelerator needs the image built from ``Dockerfile.tpu``
+        (TensorFlow's TPU build and libtpu): ``vertex.image`` has the CPU/GPU
+        TensorFlow, which sees no TPU, so compile refuses a TPU without it.
     """
 
     machine_type: str = "n1-standard-8"
@@ -72,6 +76,7 @@ class VertexTrainingConfig:
     tpu: str = "local"
     replica_count: int = setting(1, ge=1)
     boot_disk_size_gb: int = setting(0, ge=0)
+    image: str = ""
 
 
 @dataclasses.dataclass
