@@ -34,18 +34,22 @@ BENCHMARKS.md, prints a JSON summary and writes the sampled series
 (``memory.json``) into the output folder.
 
     .venv/bin/python benchmarks/memory.py [--config configs/gtsrb.yaml] [--set k=v ...] [--note TEXT]
-    MALLOC_ARENA_MAX=2 .venv/bin/python benchmarks/memory.py --note "2 malloc arenas"
-    .venv/bin/python benchmarks/memory.py --trim            # malloc_trim(0) after every component
+    MALLOC_ARENA_MAX=8 .venv/bin/python benchmarks/memory.py --note "8 malloc arenas"
     .venv/bin/python benchmarks/memory.py --isolate Trainer,Evaluator   # each in its own process
+    .venv/bin/python benchmarks/memory.py --patch trainer-file-cache    # a what-if change
     .venv/bin/python benchmarks/memory.py --imports-only    # only the import costs (seconds)
 
-``--trim`` and ``--isolate`` change how this script runs the components (a
-``malloc_trim`` call between components; a component launched in a spawned
-child process), to measure what such a change to ``ProgressLocalDagRunner``
-would buy before making it.  Environment variables that change memory
-behaviour (``MALLOC_*``, ``TF_*``, ``OMP_NUM_THREADS``) are recorded with the
-row.  Linux only (``/proc``); glibc's ``mallinfo2`` needs glibc 2.33+ (the
-column is left empty otherwise).
+Like ``visiontune run``, it applies the CLI's allocator settings first
+(``visiontune.cli.allocator``; a ``MALLOC_*`` or ``TF_ONEDNN_USE_SYSTEM_ALLOCATOR``
+variable you set wins, and is recorded with the row, as are the other
+variables that change memory behaviour: ``TF_*``, ``OMP_NUM_THREADS``).  What
+the product does between components (``gc.collect`` + ``malloc_trim``) it
+does here too, since it runs the product's ``ProgressLocalDagRunner``.
+``--isolate`` and ``--patch`` change how this script runs the components (a
+component launched in a spawned child process; a what-if change to product
+code), to measure what such a change would buy before making it.  Linux only
+(``/proc``); glibc's ``mallinfo2`` needs glibc 2.33+ (the column is left
+empty otherwise).
 """
 
 from __future__ import annotations
@@ -53,7 +57,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
-import gc
 import json
 import logging
 import multiprocessing
@@ -178,18 +181,13 @@ def malloc_info() -> Dict[str, int]:
     return {"heap": m.arena, "mmapped": m.hblkhd, "in_use": m.uordblks + m.hblkhd, "free": m.fordblks}
 
 
-def malloc_trim() -> None:
-    _LIBC.malloc_trim(0)
-
-
 # --------------------------------------------------------------------------- per-phase meter
 
 class Meter:
     """Attributes memory to the phase running now; a thread samples RSS of this process and its children."""
 
-    def __init__(self, interval: float, trim: bool = False):
+    def __init__(self, interval: float):
         self.interval = interval
-        self.trim = trim
         self.t0 = time.monotonic()
         self.phases: Dict[str, Dict[str, Any]] = {}
         self.order: List[str] = []
@@ -228,11 +226,6 @@ class Meter:
         info = malloc_info()
         phase["malloc_free"] = info.get("free")
         phase["malloc_in_use"] = info.get("in_use")
-        if self.trim:
-            gc.collect()
-            phase["after_gc"] = rss()
-            malloc_trim()
-            phase["after_trim"] = rss()
         return phase
 
     def enter(self, name: str) -> None:
@@ -299,9 +292,6 @@ class Meter:
             if p.get("malloc_free") is not None:
                 row["malloc_free_end_mib"] = round(p["malloc_free"] / MIB)
                 row["malloc_in_use_end_mib"] = round(p["malloc_in_use"] / MIB)
-            if "after_trim" in p:
-                row["after_gc_mib"] = round(p["after_gc"] / MIB)
-                row["after_trim_mib"] = round(p["after_trim"] / MIB)
             phases[name] = row
         whole = max(r["peak_mib"] for r in phases.values())
         return {
@@ -465,88 +455,10 @@ def _patch_trainer_file_cache() -> None:
     trainer._decoded_records = decoded_records_file_cache
 
 
-def _patch_lazy_tfx_extensions() -> None:
-    """``from tfx import v1`` without importing ``tfx.v1.extensions`` (Vertex AI, BigQuery) until used.
-
-    ``tfx/v1/__init__.py`` imports ``tfx.v1.extensions``, which imports the
-    google-cloud-aiplatform client (~150 MiB of RSS); a local run uses none of
-    it.  A stand-in module imports the real one on first attribute access.
-    """
-    import importlib
-
-    name = "tfx.v1.extensions"
-    if name in sys.modules:
-        return
-
-    class _Lazy(types.ModuleType):
-        def __getattr__(self, attribute):
-            del sys.modules[name]
-            real = importlib.import_module(name)
-            sys.modules["tfx.v1"].extensions = real
-            return getattr(real, attribute)
-
-    sys.modules[name] = _Lazy(name)
-
-
-def _wrap_transform(**defaults) -> None:
-    """``tfx.v1.components.Transform`` (as ``pipeline.create_pipeline`` calls it) with extra arguments."""
-    from tfx.v1 import components
-
-    original = components.Transform
-
-    def transform(**kwargs):
-        for key, value in defaults.items():
-            kwargs.setdefault(key, value)
-        return original(**kwargs)
-
-    components.Transform = transform
-
-
-def _patch_transform_splits() -> None:
-    """Transform transforms only train and eval (what the Trainer reads), not the test split.
-
-    ``splits_config=SplitsConfig(analyze=["train"], transform=["train", "eval"])``;
-    without it TFX transforms every split (GTSRB: 2,000 test images, more than
-    train and eval together).  The Evaluator reads ExampleGen's raw examples.
-    """
-    from tfx.proto import transform_pb2
-
-    _wrap_transform(splits_config=transform_pb2.SplitsConfig(analyze=["train"], transform=["train", "eval"]))
-
-
-def _patch_transform_no_stats() -> None:
-    """Transform without its pre- and post-transform statistics (``disable_statistics=True``)."""
-    _wrap_transform(disable_statistics=True)
-
-
-def _patch_malloc_tuning() -> None:
-    """TensorFlow's big tensors through glibc malloc, mmapped from 128 KiB, at most 2 malloc arenas.
-
-    What ``visiontune`` would do at start-up, before TensorFlow allocates:
-
-    * ``TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1``: with oneDNN (TensorFlow's default
-      on x86 Linux) tensors of 4 KiB and more otherwise come from a BFC pool
-      that grows by doubling regions and never shrinks;
-    * ``mallopt(M_MMAP_THRESHOLD, 128 KiB)``: a fixed threshold (glibc raises
-      it up to 32 MiB after freeing a big block, and then keeps such blocks
-      in its heaps, fragmented), so every big tensor is mmapped and given back
-      to the system when freed;
-    * ``mallopt(M_ARENA_MAX, 2)``: fewer per-thread heaps to fragment.
-
-    The same as ``TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1 MALLOC_MMAP_THRESHOLD_=131072
-    MALLOC_ARENA_MAX=2`` in the environment.
-    """
-    os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "1")
-    m_arena_max, m_mmap_threshold = -8, -3  # <malloc.h>
-    if not (_LIBC.mallopt(m_mmap_threshold, 128 * 1024) and _LIBC.mallopt(m_arena_max, 2)):
-        raise SystemExit("mallopt failed (not glibc?)")
-
-
-PATCHES = {"malloc-tuning": _patch_malloc_tuning,
-           "trainer-file-cache": _patch_trainer_file_cache,
-           "lazy-tfx-extensions": _patch_lazy_tfx_extensions,
-           "transform-splits": _patch_transform_splits,
-           "transform-no-stats": _patch_transform_no_stats}
+# Changes measured here that became product code (commit after 71f9c61): the allocator settings
+# (visiontune.cli.allocator), lazy tfx.v1.extensions (visiontune.pipeline), Transform's splits
+# and statistics (pipeline.create_pipeline), gc + malloc_trim between components (pipeline.progress).
+PATCHES = {"trainer-file-cache": _patch_trainer_file_cache}
 
 
 def _apply_patches(names: List[str]) -> None:
@@ -572,9 +484,8 @@ IMPORT_STEPS = [
 
 def _imports_child(patches: List[str]) -> None:
     """In a fresh interpreter: RSS after each import in turn (cumulative), printed as JSON."""
-    _configure_output()
-    if "lazy-tfx-extensions" in patches:
-        _patch_lazy_tfx_extensions()
+    _configure_output()  # as the CLI: allocator settings, then output (imports visiontune.pipeline's package)
+    _apply_patches(patches)
     out = []
     for name, statement in IMPORT_STEPS:
         start = time.perf_counter()
@@ -604,9 +515,11 @@ def measure_imports(patches: List[str] = ()) -> List[Dict[str, Any]]:
 # --------------------------------------------------------------------------- the run
 
 def _configure_output() -> None:
-    """The CLI's quiet output (our progress lines, Keras epochs, errors), as ``visiontune run`` has it."""
+    """What ``visiontune run`` does before the command: allocator settings, then its quiet output."""
     from visiontune import cli
+    from visiontune.cli import allocator
 
+    allocator.configure()
     cli._configure_output(verbose=False)
 
 
@@ -627,7 +540,7 @@ def _memory_env() -> str:
 
 
 def run_measured(args) -> Dict[str, Any]:
-    meter = Meter(args.interval, trim=args.trim)
+    meter = Meter(args.interval)
     meter.start("imports")
     _configure_output()
     _apply_patches(args.patch)
@@ -696,7 +609,6 @@ def _table_row(args, result: Dict[str, Any], imports: Optional[List[Dict[str, An
         whole += f"; with children {result['whole_run_peak_with_children_mib']}"
     free = phases["after run"].get("malloc_free_end_mib", "-") if "after run" in phases else "-"
     note = "; ".join(x for x in (args.note, args.env,
-                                 "gc.collect + malloc_trim after each component" if args.trim else "",
                                  f"isolated: {', '.join(args.isolate)}" if args.isolate else "",
                                  f"patch: {', '.join(args.patch)}" if args.patch else "") if x) or "-"
     return (f"| {common.today()} | `{args.command}` | {note} | {common.machine()} | {load} | {whole} | "
@@ -733,7 +645,6 @@ def parse_args(argv=None):
     parser.add_argument("--prepared", default="",
                         help="an already-prepared dataset to reuse (default: ingest into the output folder)")
     parser.add_argument("--interval", type=float, default=0.1, help="sampling interval, seconds")
-    parser.add_argument("--trim", action="store_true", help="gc.collect() and malloc_trim(0) after every phase")
     parser.add_argument("--isolate", default="", help="components to run in their own process, e.g. Trainer,Evaluator")
     parser.add_argument("--patch", action="append", default=[], choices=sorted(PATCHES),
                         help="a what-if change to product code, applied in this process only")
