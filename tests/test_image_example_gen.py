@@ -20,7 +20,7 @@ import pytest
 from tests.conftest import write_shape_tree
 from visiontune import configs, features
 from visiontune.components import evaluation, prepare
-from visiontune.pipeline import run_metadata
+from visiontune.pipeline import local_runner, run_metadata
 
 SPLITS = ["train", "eval"]
 
@@ -30,7 +30,7 @@ def _data(source, **extra):
                                                   "workers": 1, **extra})
 
 
-def _run_ingest(root, data, beam_args=("--direct_running_mode=in_memory", "--direct_num_workers=1")):
+def _run_ingest(root, data, workers=1):
     """Runs a pipeline of ImageExampleGen alone; returns (its output URIs, metadata path)."""
     from tfx import v1 as tfx
 
@@ -40,7 +40,7 @@ def _run_ingest(root, data, beam_args=("--direct_running_mode=in_memory", "--dir
     metadata = os.path.join(root, "metadata.sqlite")
     tfx.orchestration.LocalDagRunner().run(tfx.dsl.Pipeline(
         pipeline_name="ingest", pipeline_root=os.path.join(root, "pipeline"), components=[gen],
-        enable_cache=True, beam_pipeline_args=list(beam_args),
+        enable_cache=True, beam_pipeline_args=local_runner.beam_args(workers),
         metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(metadata)))
     store = run_metadata.open_store(metadata)
     execution = run_metadata.latest_execution(store, "ImageExampleGen")
@@ -119,8 +119,7 @@ def test_unchanged_images_are_cached_and_a_new_image_is_a_new_execution(source, 
 
 def test_two_beam_worker_processes_write_the_same_bytes(source, ingested, tmp_path):
     _, (outputs, _, _) = ingested
-    parallel, _, _ = _run_ingest(str(tmp_path), _data(source), beam_args=(
-        "--direct_running_mode=multi_processing", "--direct_num_workers=2"))
+    parallel, _, _ = _run_ingest(str(tmp_path), _data(source), workers=2)  # DirectRunner multi_processing
     for split in SPLITS:
         assert [_read(p) for p in _shards(parallel["examples"].uri, split)] == \
             [_read(p) for p in _shards(outputs["examples"].uri, split)]
