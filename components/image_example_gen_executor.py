@@ -35,8 +35,23 @@ CLASSES_KEY = "classes"
 REPORT_KEY = "report"
 
 
+# ``data.workers: 0`` (all cores) runs ingest in one process below this many
+# images.  The DirectRunner's multi-processing workers take about 4.5 s to start
+# on 2 cores, and an image costs 0.2-0.5 ms (flowers' kept JPEGs, GTSRB's PPMs
+# re-encoded as PNG), so a second worker pays for itself from about 20,000
+# images (BENCHMARKS.md, "Ingest on Beam").  An explicit worker count is obeyed.
+AUTO_PARALLEL_MIN_IMAGES = 20_000
+
+
 class Executor(base_beam_executor.BaseBeamExecutor):
     """Lists, then encodes and writes on Beam; then checks and records what was written."""
+
+    def _in_process_when_local(self) -> None:
+        """On the DirectRunner, this run's Beam pipeline in memory with one worker (later options win)."""
+        runner = next((a.split("=", 1)[1] for a in self._beam_pipeline_args if a.startswith("--runner=")), "")
+        if runner in ("", "DirectRunner", "direct"):
+            self._beam_pipeline_args = list(self._beam_pipeline_args) + [
+                "--direct_running_mode=in_memory", "--direct_num_workers=1"]
 
     def Do(self, input_dict: Dict[str, List[Any]], output_dict: Dict[str, List[Any]],
            exec_properties: Dict[str, Any]) -> None:
@@ -56,6 +71,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         tasks = ingest_beam.shard_tasks(plan.items, plan.splits, data.num_shards, shard_path)
         for uri in split_uri.values():
             FileSystems.mkdirs(uri)
+        if data.workers == 0 and len(plan.items) < AUTO_PARALLEL_MIN_IMAGES:
+            self._in_process_when_local()
         outcome_path = os.path.join(self._get_tmp_dir(), "ingest_outcome.json")
         class_values = ([list(v) for v in segmentation.class_values] if segmentation is not None else None)
         with self._make_beam_pipeline() as pipeline:

@@ -201,3 +201,22 @@ def test_the_module_beam_workers_import_loads_no_tensorflow():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'tfx', 'tf_keras'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("runner,in_process", [("", True), ("--runner=DirectRunner", True),
+                                               ("--runner=DataflowRunner", False)])
+def test_small_datasets_are_ingested_in_process_on_the_direct_runner_only(runner, in_process):
+    """``data.workers: 0`` below ``AUTO_PARALLEL_MIN_IMAGES``: Beam's worker start-up would cost more than it saves."""
+    from tfx.dsl.components.base import base_beam_executor
+
+    from visiontune.components import image_example_gen_executor
+
+    args = [a for a in [runner, *local_runner.beam_args(2)] if a]
+    executor = image_example_gen_executor.Executor(base_beam_executor.BaseBeamExecutor.Context(
+        beam_pipeline_args=list(args), tmp_dir="/tmp", unique_id="1"))
+    executor._in_process_when_local()
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    options = PipelineOptions(executor._beam_pipeline_args).get_all_options()  # as the pipeline parses them
+    assert (options["direct_running_mode"], options["direct_num_workers"]) == \
+        (("in_memory", 1) if in_process else ("multi_processing", 2))
