@@ -413,19 +413,28 @@ def _list_csv_source(source: str, labels_csv: str, data: "DataConfig"
                                 f"{'next to the CSV and ' if looked > 1 else ''}in {source})"))
                 continue
             path, key, relpath = found_at
-            problem = label_problem(label)
+            problem = row_problem(label, where, seen.get(key))
             if problem:
-                rejects.append((path, f"{where}: label {label!r} {problem}"))
-                continue
-            if key in seen:
-                first_csv, first_label = seen[key]
-                rejects.append((path, f"listed again in {where} (first listed in {first_csv}"
-                                      + (f" with label {first_label!r})" if first_label != label
-                                         else ")")))
+                rejects.append((path, problem))
                 continue
             seen[key] = (csv_path, label)
             found.append((path, relpath, label))
     return found, rejects
+
+
+def row_problem(label: str, where: str, first: Optional[Tuple[str, str]]) -> Optional[str]:
+    """Why a CSV row naming a file that exists is refused: its label, or the file listed before.
+
+    ``first``: (CSV, label) of the row that listed the file first, if any.
+    """
+    problem = label_problem(label)
+    if problem:
+        return f"{where}: label {label!r} {problem}"
+    if first is not None:
+        first_csv, first_label = first
+        return (f"listed again in {where} (first listed in {first_csv}"
+                + (f" with label {first_label!r})" if first_label != label else ")"))
+    return None
 
 
 def _read_label_rows(csv_path: str, data: "DataConfig", text: Optional[str] = None

@@ -135,14 +135,9 @@ def list_csv(source: str, labels_csv: str, data: "DataConfig") -> Tuple[Found, R
                 rejects.append((candidates[0], f"file listed in {where} not found (looked "
                                                f"{'next to the CSV and ' if len(inside) > 1 else ''}in {source})"))
                 continue
-            problem = image_listing.label_problem(label)
+            problem = image_listing.row_problem(label, where, seen.get(path))
             if problem:
-                rejects.append((path, f"{where}: label {label!r} {problem}"))
-                continue
-            if path in seen:
-                first_csv, first_label = seen[path]
-                rejects.append((path, f"listed again in {where} (first listed in {first_csv}"
-                                      + (f" with label {first_label!r})" if first_label != label else ")")))
+                rejects.append((path, problem))
                 continue
             seen[path] = (csv_path, label)
             found.append((path, path[len(source) + 1:], label))
