@@ -30,8 +30,11 @@ except ImportError:  # pragma: no cover - Windows: no locks, so leftovers are no
 SHARD_PREFIX = "images"
 # What ingest writes in a dataset folder; nothing else there is ever deleted.
 SPLIT_DIRS = (TRAIN, EVAL, TEST)
-METADATA_FILES = (features.CLASSES_FILE, features.REJECTS_FILE, features.SUMMARY_FILE)
-_SHARD_NAME = re.compile(re.escape(SHARD_PREFIX) + r"-\d{5}-of-\d{5}\.tfrecord\Z")
+# The counts and rejects of the Beam pipeline, read back and removed before the swap.
+OUTCOME_FILE = ".ingest_outcome.json"
+METADATA_FILES = (features.CLASSES_FILE, features.REJECTS_FILE, features.SUMMARY_FILE, OUTCOME_FILE)
+# A shard, or one being written (``ingest_beam`` writes aside, then renames).
+_SHARD_NAME = re.compile(re.escape(SHARD_PREFIX) + r"-\d{5}-of-\d{5}\.tfrecord(\.incomplete)?\Z")
 # Stopped with the temporary folder removed, then sent again (SIGINT raises KeyboardInterrupt anyway).
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
 _log = logging.getLogger(__name__)

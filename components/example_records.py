@@ -1,17 +1,15 @@
-"""``tf.train.Example`` and TFRecord bytes, written by hand so workers need no TensorFlow.
+"""``tf.train.Example`` bytes, written by hand so that ingest's Beam workers need no TensorFlow.
 
 Importing TensorFlow in every worker would cost seconds and hundreds of MB per
-process, and not importing it in ``visiontune prepare`` at all lets the worker
-pool fork.  The Example format is five nested length-delimited protobuf
-fields, and a TFRecord entry is a length and the data, each with a masked
-CRC32C (``google_crc32c``): both are written here byte-identical to
-TensorFlow's own ``SerializeToString(deterministic=True)`` and
-``tf.io.TFRecordWriter`` (``tests/test_prepare.py`` checks both against TF).
+process.  The Example format is five nested length-delimited protobuf fields,
+written here byte-identical to TensorFlow's own
+``SerializeToString(deterministic=True)`` (``tests/test_prepare.py`` checks it
+against TF).  The TFRecord framing around each record is Beam's
+(``components.ingest_beam``).
 """
 
 from __future__ import annotations
 
-import struct
 from typing import Optional
 
 from visiontune import features
@@ -70,25 +68,3 @@ def serialize_example(image: bytes, image_format: str, filename: str, height: in
     entries = b"".join(_field(1, _field(1, key.encode("utf-8")) + _field(2, value))
                        for key, value in sorted(fields.items()))
     return _field(1, entries)  # Example.features { feature: map entries }
-
-
-# --------------------------------------------------------------------------
-# TFRecord framing
-# --------------------------------------------------------------------------
-
-
-def _masked_crc(data: bytes) -> bytes:
-    import google_crc32c
-    crc = google_crc32c.value(data)
-    return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
-
-
-def frame_record(record: bytes) -> bytes:
-    """One TFRecord entry, byte-identical to what ``tf.io.TFRecordWriter`` writes.
-
-    Little-endian uint64 length, masked CRC32C of those 8 bytes, the data,
-    masked CRC32C of the data.  Written by hand: not importing TensorFlow here
-    saves seconds per ``visiontune prepare`` and lets the worker pool fork.
-    """
-    header = struct.pack("<Q", len(record))
-    return header + _masked_crc(header) + record + _masked_crc(record)

@@ -1,6 +1,6 @@
 """ImageExampleGen's executor: listing here, then encoding and writing on Beam workers.
 
-The listing (``prepare.plan_ingest``: sources, classes, splits, the checks
+The listing (``ingest_plan.plan_ingest``: sources, classes, splits, the checks
 that refuse an unusable dataset) is metadata only and runs in the executor.
 The work on pixels runs on Beam, one element per output shard
 (``components.ingest_beam``, which says why), into gzipped TFRecords named as
@@ -25,7 +25,7 @@ from tfx.proto import example_gen_pb2
 from tfx.types import artifact_utils
 
 from visiontune import configs, features
-from visiontune.components import ingest_artifacts, ingest_beam, prepare
+from visiontune.components import ingest_artifacts, ingest_beam, ingest_plan
 
 DATA_KEY = "data"
 SEGMENTATION_KEY = "segmentation"
@@ -35,14 +35,6 @@ CLASSES_KEY = "classes"
 REPORT_KEY = "report"
 
 
-# ``data.workers: 0`` (all cores) runs ingest in one process below this many
-# images.  The DirectRunner's multi-processing workers take about 4.5 s to start
-# on 2 cores, and an image costs 0.2-0.5 ms (flowers' kept JPEGs, GTSRB's PPMs
-# re-encoded as PNG), so a second worker pays for itself from about 20,000
-# images (BENCHMARKS.md, "Ingest on Beam").  An explicit worker count is obeyed.
-AUTO_PARALLEL_MIN_IMAGES = 20_000
-
-
 class Executor(base_beam_executor.BaseBeamExecutor):
     """Lists, then encodes and writes on Beam; then checks and records what was written."""
 
@@ -50,8 +42,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         """On the DirectRunner, this run's Beam pipeline in memory with one worker (later options win)."""
         runner = next((a.split("=", 1)[1] for a in self._beam_pipeline_args if a.startswith("--runner=")), "")
         if runner in ("", "DirectRunner", "direct"):
-            self._beam_pipeline_args = list(self._beam_pipeline_args) + [
-                "--direct_running_mode=in_memory", "--direct_num_workers=1"]
+            self._beam_pipeline_args = list(self._beam_pipeline_args) + ingest_beam.direct_runner_args(1)
 
     def Do(self, input_dict: Dict[str, List[Any]], output_dict: Dict[str, List[Any]],
            exec_properties: Dict[str, Any]) -> None:
@@ -60,7 +51,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         if exec_properties.get(SEGMENTATION_KEY):
             segmentation = configs.from_dict(configs.SegmentationConfig,
                                              json.loads(exec_properties[SEGMENTATION_KEY]), "segmentation")
-        plan = prepare.plan_ingest(data, segmentation)
+        plan = ingest_plan.plan_ingest(data, segmentation)
         examples = artifact_utils.get_single_instance(output_dict[EXAMPLES_KEY])
         examples.split_names = artifact_utils.encode_split_names(plan.splits)
         split_uri = {s: artifact_utils.get_split_uri([examples], s) for s in plan.splits}
@@ -71,7 +62,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         tasks = ingest_beam.shard_tasks(plan.items, plan.splits, data.num_shards, shard_path)
         for uri in split_uri.values():
             FileSystems.mkdirs(uri)
-        if data.workers == 0 and len(plan.items) < AUTO_PARALLEL_MIN_IMAGES:
+        if ingest_beam.ingest_workers(data.workers, len(plan.items)) == 1 and not data.workers:
             self._in_process_when_local()
         outcome_path = os.path.join(self._get_tmp_dir(), "ingest_outcome.json")
         class_values = ([list(v) for v in segmentation.class_values] if segmentation is not None else None)
@@ -80,11 +71,11 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                                                                   data.max_pixels, class_values)
         counts, totals, encode_rejects = ingest_beam.read_outcome(outcome_path, plan.classes, plan.splits,
                                                                   segmentation is not None)
-        prepare.check_written(data, plan.items, encode_rejects, counts, totals, plan.task,
+        ingest_plan.check_written(data, plan.items, encode_rejects, counts, totals, plan.task,
                               "the examples are not published")
         rejects = plan.rejects + encode_rejects
-        files = prepare.metadata_files(plan.classes, counts, rejects,
-                                       prepare.settings_fingerprint(data, segmentation),
+        files = ingest_plan.metadata_files(plan.classes, counts, rejects,
+                                       ingest_plan.settings_fingerprint(data, segmentation),
                                        totals, plan.task, plan.hidden)
         classes_uri = artifact_utils.get_single_uri(output_dict[CLASSES_KEY])
         report_uri = artifact_utils.get_single_uri(output_dict[REPORT_KEY])

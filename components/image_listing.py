@@ -1,8 +1,8 @@
 """Finding a dataset's images: which files, with which label, in which split.
 
-Listing runs in the parent process, before any image is opened, and is the
-serial part of ingest (the encoding runs in the worker pool, see
-``components.shard_writer``).  It only reads folders and CSV files: a file that
+Listing runs in one process, before any image is opened, and is the serial
+part of ingest (the encoding runs on Beam's workers, see
+``components.ingest_beam``).  It only reads folders and CSV files: a file that
 cannot be an image of the dataset (outside a class folder, missing from the
 disk, listed twice) becomes a reject here, a file that is not a good image is
 found later by ``components.image_encoding``.
@@ -52,7 +52,7 @@ TRAIN, EVAL, TEST = "train", "eval", "test"
 
 
 # Defined here, not in ``prepare`` (which re-exports it): listing raises most of
-# them and ``shard_writer`` one, and neither may import ``prepare``, which imports both.
+# them, and it may not import ``prepare``, which imports it.
 class PrepareError(UserError, ValueError):
     """The data source or settings cannot be turned into a dataset at all.
 
@@ -314,7 +314,7 @@ class _PathResolver:
     """Paths of listed files, with each folder's part (real path, relative path,
     directory listing) computed once.
 
-    Listing is the serial part of ingest (the encoding runs in the worker pool).
+    Listing is the serial part of ingest (the encoding runs on Beam's workers).
     Resolving, normalising and ``stat``-ing every listed file from the root made
     it a third of a 2-worker GTSRB run; per folder, a listed name costs a set
     lookup and two joins.  Same results as ``os.path.normpath``,

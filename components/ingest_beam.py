@@ -24,7 +24,9 @@ a second and holds no TensorFlow runtime.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
@@ -33,11 +35,46 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.tfrecordio import _TFRecordUtil
 
 from visiontune.components.image_encoding import encode_example
-from visiontune.components.shard_writer import shard_index
+
+# ``data.workers: 0`` (all cores) runs ingest in one process below this many
+# images.  The DirectRunner's multi-processing workers take about 4.5 s to start
+# on 2 cores, and an image costs 0.2-0.5 ms (flowers' kept JPEGs, GTSRB's PPMs
+# re-encoded as PNG), so a second worker pays for itself from about 20,000
+# images (BENCHMARKS.md, "Ingest on Beam").  An explicit worker count is obeyed.
+AUTO_PARALLEL_MIN_IMAGES = 20_000
+# TFX packages its own installation into a temporary sdist (a copy of the tfx
+# package and a `setup.py sdist` subprocess) before every Beam component runs,
+# for remote workers, unless the Beam options already name the workers'
+# dependencies (tfx.utils.dependency_utils.make_beam_dependency_flags).  The
+# DirectRunner's workers are this machine's Python: the package is built for
+# nothing, 1.7 s per Beam component (profiled: ImageExampleGen on flowers 4.2 s
+# -> 2.1 s).  sdk_container_image is read only for Docker environments, which
+# the DirectRunner does not use.
+_NO_TFX_SDIST = "--sdk_container_image=none"
 
 # TFX's ExampleGens name their files so (tfx.components.example_gen.write_split).
 EXAMPLE_GEN_FILE_PREFIX = "data_tfrecord"
 _REJECTS, _TOTALS = "rejects", "totals"
+
+
+def direct_runner_args(workers: int) -> List[str]:
+    """DirectRunner options: in memory with one worker, or ``workers`` processes (multi-processing)."""
+    if workers <= 1:
+        return ["--direct_running_mode=in_memory", "--direct_num_workers=1", _NO_TFX_SDIST]
+    return ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}", _NO_TFX_SDIST]
+
+
+def ingest_workers(workers: int, images: int) -> int:
+    """The worker count for ``data.workers`` (0: all cores, from ``AUTO_PARALLEL_MIN_IMAGES`` images on)."""
+    if workers:
+        return workers
+    return (os.cpu_count() or 1) if images >= AUTO_PARALLEL_MIN_IMAGES else 1
+
+
+def shard_index(relpath: str, num_shards: int) -> int:
+    """The shard of a file, from hash bytes independent of those that pick the split."""
+    digest = hashlib.sha256(relpath.encode("utf-8")).digest()
+    return int.from_bytes(digest[8:16], "big") % num_shards
 
 
 def example_gen_shard_file(index: int, count: int) -> str:
@@ -115,6 +152,16 @@ def _write_outcome(_, path: str, counts, totals, rejects) -> None:
                "totals": sorted(totals), "rejects": sorted(rejects)}
     with FileSystems.create(path) as f:
         f.write(json.dumps(outcome).encode("utf-8"))
+
+
+def write_local(tasks: Sequence[ShardTask], outcome_path: str, workers: int, max_file_bytes: int,
+                max_pixels: int, class_values: Optional[Sequence] = None, gzip: bool = True) -> None:
+    """``EncodeAndWrite`` on the DirectRunner, outside TFX (``visiontune prepare``)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    with beam.Pipeline(options=PipelineOptions(direct_runner_args(workers))) as pipeline:
+        _ = pipeline | "Ingest" >> EncodeAndWrite(tasks, outcome_path, max_file_bytes, max_pixels,
+                                                  class_values, gzip)
 
 
 @beam.ptransform_fn

@@ -16,32 +16,19 @@ from typing import List, Optional
 from tfx import v1 as tfx
 
 from visiontune import configs, features
-from visiontune.components import prepare as prepare_lib
+from visiontune.components import ingest_beam, prepare as prepare_lib
 from visiontune.pipeline import pipeline as pipeline_lib, progress, results
 
 logger = logging.getLogger(__name__)
-
-
-# TFX packages its own installation into a temporary sdist (a copy of the tfx
-# package and a `setup.py sdist` subprocess) before every Beam component runs,
-# for remote workers, unless the Beam options already name the workers'
-# dependencies (tfx.utils.dependency_utils.make_beam_dependency_flags).  The
-# DirectRunner's workers are this machine's Python: the package is built for
-# nothing, 1.7 s per Beam component (profiled: ImageExampleGen on flowers 4.2 s
-# -> 2.1 s).  sdk_container_image is read only for Docker environments, which
-# the DirectRunner does not use.
-_NO_TFX_SDIST = "--sdk_container_image=none"
 
 
 def beam_args(workers: int) -> List[str]:
     """DirectRunner options: in-memory with one worker is fastest for small data.
 
     Several workers need the multi-processing mode (separate interpreters), whose
-    start-up only pays off on large datasets.
+    start-up only pays off on large datasets.  No TFX sdist (``ingest_beam``).
     """
-    if workers <= 1:
-        return ["--direct_running_mode=in_memory", "--direct_num_workers=1", _NO_TFX_SDIST]
-    return ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}", _NO_TFX_SDIST]
+    return ingest_beam.direct_runner_args(workers)
 
 
 def metadata_path(config: configs.Config) -> str:

@@ -24,7 +24,7 @@ from tfx import v1 as tfx
 from tfx.proto import example_gen_pb2
 
 from visiontune import configs, features
-from visiontune.components import backbones, class_aware, evaluation, masks, prepare, pusher
+from visiontune.components import backbones, class_aware, evaluation, ingest_plan, masks, pusher
 from visiontune.components.image_example_gen import ImageExampleGen
 
 COMPONENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "components")
@@ -104,7 +104,7 @@ def create_pipeline(
             input_config=example_gen_pb2.Input(splits=[
                 example_gen_pb2.Input.Split(name=s, pattern=f"{s}/*") for s in example_splits(has_test_split)]))
     if segmentation is not None:  # the classes come from the settings, whatever the input
-        class_list, classes = None, prepare.segmentation_classes(config.data, segmentation)
+        class_list, classes = None, ingest_plan.segmentation_classes(config.data, segmentation)
     statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
     schema_gen = tfx.components.SchemaGen(statistics=statistics_gen.outputs["statistics"],
                                           infer_feature_shape=True)

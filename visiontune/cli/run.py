@@ -48,7 +48,7 @@ def print_summary(summary, as_json: bool) -> None:
 def add_commands(sub) -> None:
     p = sub.add_parser("prepare", help="convert images (folders or CSV-labelled) to TFRecords")
     options.add_config_args(p, options.PREPARE_SHORTCUTS)
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", "-q", action="store_true", help="no line saying how many images and workers")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("run", help="run the pipeline locally (LocalDagRunner, SQLite metadata)")
