@@ -34,7 +34,7 @@ setup(
         "pillow",
         "pyyaml",
         "tqdm",
-        "google-crc32c",  # TFRecord checksums when ingest writes shards without TensorFlow
+        "google-crc32c",  # the fast CRC32C of Beam's TFRecord coder (ingest writes shards without TensorFlow)
         "scikit-learn",  # the demo's bundled digits
         "matplotlib",  # the run report's figures (Agg backend)
         "jinja2",  # the run report's HTML (autoescaped templates)
