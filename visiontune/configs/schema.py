@@ -72,10 +72,10 @@ class DataConfig:
       max_file_bytes: files larger than this are rejected (listed in
         ``rejects.csv``), not read.
       max_pixels: images with more pixels than this are rejected, not decoded.
-      workers: worker processes for ingest; 0: all cores.  ImageExampleGen
-        runs them as Beam's DirectRunner in multi-processing mode, and with 0
-        in one process below 20,000 images (starting Beam's workers costs
-        more than they save); ``visiontune prepare`` as its own process pool.
+      workers: worker processes for ingest (ImageExampleGen and
+        ``visiontune prepare``: Beam's DirectRunner in multi-processing mode
+        above 1); 0: all cores from 20,000 images on, one process below
+        (starting Beam's workers costs more than they save).
       classes: the ordered class names.  Empty: discovered and sorted
         naturally ("2" before "10").  Labels not listed are rejected.
     """
