@@ -4,9 +4,9 @@ For each dataset (flowers: 3,452 JPEGs kept as they are; GTSRB: 1,720 train +
 2,000 test PPMs converted to PNG), in one session, alternating the four
 variants each repeat:
 
-* ``prepare`` with ``data.workers`` 1 (encodes in process) and 2 (a forked
-  process pool), as ``visiontune prepare`` runs it: in a child interpreter
-  that has not imported TensorFlow;
+* ``prepare`` with ``data.workers`` 1 and 2, as ``visiontune prepare`` runs it
+  in a child interpreter (until 15b53d8 its own process pool, forked, without
+  TensorFlow; since then the same Beam code on the DirectRunner, outside TFX);
 * ``ImageExampleGen`` alone in a LocalDagRunner pipeline (SQLite ML
   Metadata, cache off), Beam's DirectRunner ``in_memory`` with 1 worker and
   ``multi_processing`` with 2, as ``visiontune run`` runs it with
@@ -38,8 +38,9 @@ TITLE = "Ingest on Beam: ImageExampleGen vs visiontune prepare"
 INTRO = """
 Images/s of ImageExampleGen (a LocalDagRunner pipeline of it alone, cache
 off; DirectRunner in_memory with 1 worker, multi_processing with 2) and of
-`prepare_dataset` (1 worker in process, 2 in a forked pool; no TensorFlow
-loaded, as `visiontune prepare` runs), alternated in one session, each timed
+`prepare_dataset` (as `visiontune prepare` runs: the rows of 2026-12-03 are of
+its process pool, 1 worker in process and 2 forked, before it moved to Beam in
+15b53d8), alternated in one session, each timed
 in its own child process, median of the repeats.  Beam's wall time includes
 the driver's fingerprint of the sources, its worker processes' start-up and
 the ML Metadata writes.  Target: Beam >= 0.8x prepare at equal workers.
