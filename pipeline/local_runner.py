@@ -51,7 +51,9 @@ def ensure_prepared(config: configs.Config, force: bool = False) -> prepare_lib.
 
 
 def ingest_workers(config: configs.Config) -> int:
-    return config.data.workers or os.cpu_count() or 1
+    """The most workers ImageExampleGen may use: the image count is known only once it has listed
+    its sources, so its executor narrows this to one below ``AUTO_PARALLEL_MIN_IMAGES`` (same rule)."""
+    return ingest_beam.ingest_workers(config.data.workers, ingest_beam.AUTO_PARALLEL_MIN_IMAGES)
 
 
 def create_local_pipeline(config: configs.Config,
