@@ -145,9 +145,7 @@ def _collect_items(data: "DataConfig", segmentation: Optional["SegmentationConfi
                                if not os.path.exists(source) else
                                f"{source}: data source is not a folder")
         mask_of: Dict[str, str] = {}
-        if remote and segmentation is not None:
-            raise PrepareError(f"{source}: segmentation sources must be local folders")
-        if remote:
+        if remote and segmentation is None:
             found, bad = (remote_listing.list_csv(source, labels_csv, data) if labels_csv
                           else remote_listing.list_tree(source, hidden))
         elif segmentation is not None:
@@ -157,7 +155,8 @@ def _collect_items(data: "DataConfig", segmentation: Optional["SegmentationConfi
             try:
                 pairs, bad = masks.list_pairs(source, segmentation.image_dir, segmentation.mask_dir,
                                               segmentation.mask_regex, segmentation.mask_template,
-                                              is_listed)
+                                              is_listed, remote_listing.UrlFolders if remote
+                                              else masks.LocalFolders)
             except FileNotFoundError as e:
                 raise PrepareError(str(e)) from None
             found = [(path, relpath, "") for path, relpath, _ in pairs]

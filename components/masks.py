@@ -35,42 +35,60 @@ def mask_name(image_name: str, mask_regex: str, mask_template: str) -> Optional[
     return match.expand(mask_template)
 
 
+class LocalFolders:
+    """The folder operations ``list_pairs`` needs, on the local disk (``remote_listing`` has the URL ones)."""
+
+    join = staticmethod(os.path.join)
+    isdir = staticmethod(os.path.isdir)
+    isfile = staticmethod(os.path.isfile)
+    normpath = staticmethod(os.path.normpath)
+
+    @staticmethod
+    def listdir(folder: str) -> List[str]:
+        return sorted(os.listdir(folder))
+
+    @staticmethod
+    def relpath(path: str, source: str) -> str:
+        return os.path.relpath(path, source).replace(os.sep, "/")
+
+
 def list_pairs(source: str, image_dir: str, mask_dir: str, mask_regex: str, mask_template: str,
-               is_listed) -> Tuple[List[Tuple[str, str, str]], List[Tuple[str, str]]]:
+               is_listed, folders=LocalFolders) -> Tuple[List[Tuple[str, str, str]], List[Tuple[str, str]]]:
     """(image path, relpath, mask path) per image under ``source/image_dir``, and rejects.
 
     Rejects: images whose name the regex does not match or whose mask is missing,
     and masks that no image claims (so a renamed image cannot silently drop
     its mask).  ``is_listed(name)`` filters hidden and non-image files.
+    ``folders`` lists and tests paths: the local disk, or a URL filesystem.
     """
-    image_root = os.path.join(source, image_dir)
-    mask_root = os.path.join(source, mask_dir)
+    fs = folders
+    image_root = fs.join(source, image_dir)
+    mask_root = fs.join(source, mask_dir)
     for root, what in ((image_root, "segmentation.image_dir"), (mask_root, "segmentation.mask_dir")):
-        if not os.path.isdir(root):
+        if not fs.isdir(root):
             raise FileNotFoundError(f"{root}: no such folder ({what} under {source})")
     pairs: List[Tuple[str, str, str]] = []
     rejects: List[Tuple[str, str]] = []
     claimed = set()
-    for name in sorted(os.listdir(image_root)):
-        path = os.path.join(image_root, name)
-        if not os.path.isfile(path) or not is_listed(name):
+    for name in fs.listdir(image_root):
+        path = fs.join(image_root, name)
+        if not fs.isfile(path) or not is_listed(name):
             continue
         wanted = mask_name(name, mask_regex, mask_template)
         if wanted is None:
             rejects.append((path, f"file name does not match segmentation.mask_regex {mask_regex!r}: "
                                   "cannot tell which mask belongs to it"))
             continue
-        mask_path = os.path.join(mask_root, wanted)
-        if not os.path.isfile(mask_path):
+        mask_path = fs.join(mask_root, wanted)
+        if not fs.isfile(mask_path):
             rejects.append((path, f"no mask: expected {mask_path} (segmentation.mask_template "
                                   f"{mask_template!r})"))
             continue
-        claimed.add(os.path.normpath(mask_path))
-        relpath = os.path.relpath(path, source).replace(os.sep, "/")
-        pairs.append((path, relpath, mask_path))
-    for name in sorted(os.listdir(mask_root)):
-        path = os.path.join(mask_root, name)
-        if os.path.isfile(path) and is_listed(name) and os.path.normpath(path) not in claimed:
+        claimed.add(fs.normpath(mask_path))
+        pairs.append((path, fs.relpath(path, source), mask_path))
+    for name in fs.listdir(mask_root):
+        path = fs.join(mask_root, name)
+        if fs.isfile(path) and is_listed(name) and fs.normpath(path) not in claimed:
             rejects.append((path, "mask without an image (no file in "
                                   f"{image_root} maps to it through segmentation.mask_template)"))
     return pairs, rejects

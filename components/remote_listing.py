@@ -148,3 +148,30 @@ def _scheme_normpath(url: str) -> str:
     """``posixpath.normpath`` of the part after ``scheme://`` (``..`` resolved, ``//`` kept in the scheme)."""
     scheme, _, rest = url.partition("://")
     return f"{scheme}://{posixpath.normpath(rest)}"
+
+
+class UrlFolders:
+    """``masks.list_pairs``'s folder operations at a URL (segmentation image/mask pairs)."""
+
+    @staticmethod
+    def join(folder: str, name: str) -> str:
+        return f"{folder.rstrip('/')}/{name}"
+
+    @staticmethod
+    def isdir(path: str) -> bool:
+        return _gfile().isdir(path)
+
+    @staticmethod
+    def isfile(path: str) -> bool:
+        gfile = _gfile()
+        return gfile.exists(path) and not gfile.isdir(path)
+
+    @staticmethod
+    def listdir(folder: str) -> List[str]:
+        return sorted(n.rstrip("/") for n in _gfile().listdir(folder))
+
+    @staticmethod
+    def relpath(path: str, source: str) -> str:
+        return path[len(source.rstrip("/")) + 1:]
+
+    normpath = staticmethod(_scheme_normpath)

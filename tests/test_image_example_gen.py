@@ -220,3 +220,28 @@ def test_small_datasets_are_ingested_in_process_on_the_direct_runner_only(runner
     options = PipelineOptions(executor._beam_pipeline_args).get_all_options()  # as the pipeline parses them
     assert (options["direct_running_mode"], options["direct_num_workers"]) == \
         (("in_memory", 1) if in_process else ("multi_processing", 2))
+
+
+def test_segmentation_pairs_on_another_filesystem_give_the_same_examples(tmp_path):
+    """Image/mask pairs at a URL are paired, checked and encoded as they are locally."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.test_segmentation import _palette_mask, _seg_config, write_pairs
+
+    local = write_pairs(str(tmp_path / "pairs"), count=6)
+    Image.new("RGB", (48, 48)).save(tmp_path / "pairs" / "x" / "in000100.jpg")  # no mask
+    _palette_mask(np.zeros((48, 48))).save(tmp_path / "pairs" / "y" / "gt000999.png")  # no image
+    url = _copy_to(local, "ram://ieg/pairs")
+    results = {}
+    for where, name in ((local, "local"), (url, "url")):
+        config = _seg_config(where, str(tmp_path / name))
+        results[name] = prepare.prepare_dataset(config.data, progress=False,
+                                                segmentation=configs.segmentation_settings(config))
+    assert sum(results["url"].totals.values()) == 6
+    assert [(p[len(url):], r.replace(url, local)) for p, r in results["url"].rejects] == \
+        [(p[len(local):], r) for p, r in results["local"].rejects]
+    for split in SPLITS:
+        local_shards = sorted(glob.glob(str(tmp_path / "local" / split / "*")))
+        assert local_shards and [_read(p) for p in local_shards] == \
+            [_read(p) for p in sorted(glob.glob(str(tmp_path / "url" / split / "*")))]
