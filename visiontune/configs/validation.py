@@ -29,6 +29,18 @@ from visiontune.errors import ConfigError
 # Checked by hand below (the allowed values depend on other settings).
 _CUSTOM = {"model.image_size", "model.weights"}
 
+# A served model's name is one folder under the serving dir and one segment of TF Serving's REST paths.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
+MODEL_NAME_RULE = ("a single folder name of letters, digits, '_', '.' and '-' (not starting with '.' or '-', "
+                   "at most 200 characters)")
+
+
+def model_name_problem(name: str) -> str:
+    """Why ``name`` cannot be a served model's name ("" when it can): ``../../x`` would push outside."""
+    if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name):
+        return f"got {show(name)}, expected {MODEL_NAME_RULE}"
+    return ""
+
 
 def setting_error(key: str, message: str, *related: str) -> ConfigError:
     """A ``ConfigError`` for ``key`` (``related``: other keys it depends on, for locating it)."""
@@ -156,6 +168,9 @@ def validate(config: Config, local_files: bool = True) -> None:
     (a ``gs://`` copy) when it is set.
     """
     check_fields(config)
+    problem = model_name_problem(config.pipeline.model_name)
+    if problem:
+        raise setting_error("pipeline.model_name", problem)
     _check_model(config, local_files)
     _check_data(config)
     _check_training(config)
