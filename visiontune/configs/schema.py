@@ -242,9 +242,9 @@ class TrainingConfig:
       reduce_lr_factor: that factor, in (0, 1).
       steps_per_epoch: a cap on steps per epoch (0: the whole split); useful
         for smoke tests.
-      backup_every_seconds: a killed Trainer resumes from its last backup; back
-        up at the end of an epoch once this many seconds have passed since the
-        last one (0: every epoch).
+      backup_every_seconds: ignored, kept so that older configs still load: a
+        killed Trainer resumes at the next unfinished epoch, since the resume
+        state is written after every epoch (``components.training_state``).
       seed: the random seed of weights, shuffling and augmentation (NumPy
         takes 0 to 2**32 - 1).
       mixed_precision: mixed precision on GPU (float32 output layer); ignored
@@ -266,7 +266,7 @@ class TrainingConfig:
     reduce_lr_patience: int = setting(3, ge=0)
     reduce_lr_factor: float = setting(0.5, gt=0.0, lt=1.0)
     steps_per_epoch: int = setting(0, ge=0)
-    backup_every_seconds: float = setting(30.0, ge=0.0)
+    backup_every_seconds: float = setting(0.0, ge=0.0)
     seed: int = setting(42, ge=0, le=2**32 - 1)
     mixed_precision: bool = True
     tpu: str = ""
