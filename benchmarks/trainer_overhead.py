@@ -7,8 +7,8 @@ augmentation and head, ``--size`` px, 5 flower classes), on the same
 (``strategy.create_strategy``), optimizer and compile settings:
 
 * **trainer**: ``components.trainer.fit_phases`` — what ``run_fn`` runs — with
-  its callbacks (EpochTimer, BackupAndRestore, TensorBoard, ReduceLROnPlateau,
-  EarlyStopping), its per-phase weights marker and history;
+  its callbacks (EpochTimer, TensorBoard, ReduceLROnPlateau, EarlyStopping)
+  and the resume state written after every epoch and phase;
 * **plain**: ``model.compile`` + ``model.fit`` with no callbacks.
 
 Each run is ``--epochs`` epochs of ``--steps`` steps (warm-up phase: backbone
@@ -198,13 +198,13 @@ median of per-round (time with / time without) - 1.
 
     .venv/bin/python benchmarks/trainer_overhead.py --per-callback
 """
-CALLBACK_HEADER = ("| date | command | machine | load 1/5 min | none s/fit | EpochTimer | BackupAndRestore | "
+CALLBACK_HEADER = ("| date | command | machine | load 1/5 min | none s/fit | EpochTimer | resume state | "
                    "TensorBoard | ReduceLROnPlateau+EarlyStopping | all (trainer._callbacks) |")
 
 
 def per_callback(args, config, train_cfg, phase, num_classes, strategy, new_model, train_ds, eval_ds):
 
-    from visiontune.components import model as model_lib, trainer
+    from visiontune.components import model as model_lib, trainer, training_state
 
     model = new_model()
     top_k = max(1, min(config.evaluation.top_k, num_classes))
@@ -215,14 +215,17 @@ def per_callback(args, config, train_cfg, phase, num_classes, strategy, new_mode
         model.fit(train_ds, validation_data=eval_ds, epochs=1, steps_per_epoch=args.steps, verbose=0)
 
     def variants(tmp):
-        cbs = trainer._callbacks(train_cfg, os.path.join(tmp, "backup"), os.path.join(tmp, "logs"))
+        cbs = trainer._callbacks(train_cfg, os.path.join(tmp, "logs"))
+        # The resume state, written after every epoch, as fit_phases adds it.
+        saver = training_state.EpochStateSaver(training_state.StateWriter(os.path.join(tmp, "state")),
+                                               args.phase, [], cbs, 0)
         by_type = {type(c).__name__: c for c in cbs}
         return {"none": [], "EpochTimer": [by_type["EpochTimer"]],
-                "BackupAndRestore": [by_type["BackupAndRestore"]],
+                "resume state": [saver],
                 "TensorBoard": [by_type["TensorBoard"]],
                 "ReduceLROnPlateau+EarlyStopping": [c for n, c in by_type.items()
                                                     if n in ("ReduceLROnPlateau", "EarlyStopping")],
-                "all": cbs}
+                "all": cbs + [saver]}
 
     names = list(variants(tempfile.gettempdir()))
     times = {n: [] for n in names}
@@ -232,8 +235,6 @@ def per_callback(args, config, train_cfg, phase, num_classes, strategy, new_mode
         for name in order:
             with tempfile.TemporaryDirectory(prefix="vt-cb-") as tmp:
                 cbs = variants(tmp)[name]
-                if not hasattr(model, "_training_state"):
-                    model._training_state = None  # BackupAndRestore deletes it at the end of its fit
                 start = time.perf_counter()
                 with strategy.scope():
                     model.fit(train_ds, validation_data=eval_ds, epochs=args.epochs,

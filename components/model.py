@@ -174,6 +174,13 @@ def create_augmentation(aug: configs.AugmentationConfig, seed: int) -> tf_keras.
     return tf_keras.Sequential(layers, name="augmentation")
 
 
+def _dropout(rate: float, seed: int, name: str) -> tf_keras.layers.Dropout:
+    """Dropout drawing from a ``tf.random.Generator`` (Keras' default here is a stateful op
+    whose state lives in the kernel): its state can be saved, so a resumed Trainer
+    draws the masks the uninterrupted run would have drawn (``components.training_state``)."""
+    return tf_keras.layers.Dropout(rate, seed=seed, rng_type="stateful", name=name)
+
+
 def create_model(model_cfg: configs.ModelConfig, num_classes: int,
                  augmentation: configs.AugmentationConfig = configs.AugmentationConfig(),
                  seed: int = 42) -> tf_keras.Model:
@@ -214,9 +221,9 @@ def create_model(model_cfg: configs.ModelConfig, num_classes: int,
     for i, units in enumerate(head.dense_units):
         x = tf_keras.layers.Dense(units, activation=head.activation, name=f"head_dense_{i}")(x)
         if head.dropout:
-            x = tf_keras.layers.Dropout(head.dropout, seed=seed, name=f"head_dropout_{i}")(x)
+            x = _dropout(head.dropout, seed, f"head_dropout_{i}")(x)
     if not head.dense_units and head.dropout:
-        x = tf_keras.layers.Dropout(head.dropout, seed=seed, name="head_dropout")(x)
+        x = _dropout(head.dropout, seed, "head_dropout")(x)
     # float32 output even under mixed precision: softmax in float16 saturates.
     outputs = tf_keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
                                     name=OUTPUT_LAYER_NAME)(x)

@@ -44,6 +44,7 @@ from visiontune.components import (
     signatures,
     strategy as strategy_lib,
     tflite_export,
+    training_state,
     transform,
 )
 
@@ -190,33 +191,10 @@ class EpochTimer(tf_keras.callbacks.Callback):
             logs["learning_rate"] = float(tf_keras.backend.get_value(lr))
 
 
-class ThrottledBackupAndRestore(tf_keras.callbacks.BackupAndRestore):
-    """``BackupAndRestore`` that backs up at an epoch's end only if ``min_seconds`` have passed.
-
-    A backup (model and optimizer checkpoint) takes ~0.15 s for MobileNetV2-0.35;
-    with short epochs (fast hardware, small data: 40 steps in 1.6 s) backing up
-    every epoch cost ~7 % of training (``benchmarks/trainer_overhead.py``).  A
-    killed run then loses at most ``min_seconds`` of training; 0 backs up every epoch.
-    """
-
-    def __init__(self, backup_dir: str, min_seconds: float = 0.0):
-        super().__init__(backup_dir)
-        self.min_seconds = min_seconds
-        self._last_backup = 0.0
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        self._last_backup = time.monotonic()
-
-    def on_epoch_end(self, epoch, logs=None):
-        if time.monotonic() - self._last_backup >= self.min_seconds:
-            super().on_epoch_end(epoch, logs)
-            self._last_backup = time.monotonic()
-
-
-def _callbacks(train: configs.TrainingConfig, backup_dir: str, log_dir: str) -> list:
+def _callbacks(train: configs.TrainingConfig, log_dir: str) -> list:
+    """The Trainer's callbacks, EarlyStopping and ReduceLROnPlateau last (the resume state's
+    ``EpochStateSaver`` follows them and records their decision on each epoch)."""
     cbs = [EpochTimer(),
-           ThrottledBackupAndRestore(backup_dir, train.backup_every_seconds),
            tf_keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch", profile_batch=0)]
     if train.reduce_lr_patience:
         cbs.append(tf_keras.callbacks.ReduceLROnPlateau(
@@ -260,47 +238,87 @@ def _compile(model, train: configs.TrainingConfig, phase: configs.PhaseConfig, t
                   loss=loss, metrics=metrics)
 
 
+PHASES = ("warmup", "fine_tune")
+
+
+def _skip_shuffles(train_ds, epochs: int, fits: int) -> None:
+    """Moves the training set's shuffle on past ``epochs`` epochs and ``fits`` earlier
+    ``model.fit`` calls, reading nothing.
+
+    Each new iterator of ``train_ds`` draws the next order from the shuffle's
+    seed, and ``model.fit`` creates one as it starts and one per epoch
+    (measured, tf_keras 2.16).  Creating and dropping as many makes a resumed
+    run see the orders the uninterrupted run saw (``tests/test_resume.py``
+    checks that it ends with the same weights).
+    """
+    for _ in range(epochs + fits):
+        iter(train_ds)
+
+
 def fit_phases(model: tf_keras.Model, config: configs.Config, train_ds, eval_ds,
                state_dir: str, log_dir: str, extra_callbacks: Sequence = ()) -> List[Dict[str, Any]]:
-    """Runs warm-up then fine-tuning; returns one history row per epoch."""
+    """Runs warm-up then fine-tuning; returns one history row per epoch.
+
+    After every epoch the resume state (``components.training_state``) is
+    written to ``state_dir``; a run that finds one there resumes at the next
+    unfinished epoch with every finished epoch's history row.
+    """
     train = config.training
     top_k = max(1, min(config.evaluation.top_k, model.output_shape[-1]))
-    history: List[Dict[str, Any]] = []
-    epoch = 0
     steps = train.steps_per_epoch or None
-    for name in ("warmup", "fine_tune"):
+    if steps:
+        # One iterator for the whole fit (Keras keeps it when steps are capped):
+        # repeated, so a cap times the epochs never runs out of examples.
+        train_ds = train_ds.repeat()
+    resume = training_state.load(state_dir)
+    if resume is not None and not resume.matches(model):
+        log.warning("resume state in %s is for another model; training starts over", state_dir)
+        resume = None
+    history: List[Dict[str, Any]] = list(resume.history) if resume else []
+    writer = training_state.StateWriter(state_dir)
+    done_phases = set()
+    if resume is not None:
+        order = [p for p in PHASES if getattr(train, p).epochs > 0]
+        if resume.phase in order:
+            done_phases = set(order[:order.index(resume.phase) + resume.phase_done])
+        log.info("resuming from %s: %d epochs finished (phase %s%s)", state_dir, resume.epochs_done,
+                 resume.phase, ", done" if resume.phase_done else "")
+    epoch = 0
+    for name in PHASES:
         phase: configs.PhaseConfig = getattr(train, name)
         if phase.epochs <= 0:
             continue
-        # TF checkpoint format: 4x faster to save and load than .weights.h5 (measured,
-        # MobileNetV2-0.35: 0.1 s vs 0.4 s); the .json, written last, marks the phase done.
-        done_marker = os.path.join(state_dir, f"{name}.done")
+        first, epoch = epoch, epoch + phase.epochs
+        if name in done_phases:
+            continue
         trainable = model_lib.apply_fine_tune_policy(
             model, phase.backbone, phase.layers, freeze_batch_norm=model.pretrained_backbone)
         _compile(model, train, phase, top_k)
-        if tf.io.gfile.exists(done_marker + ".json"):
-            # A previous attempt finished this phase before it was killed.
-            model.load_weights(done_marker)
-            history.extend(json.loads(tf.io.gfile.GFile(done_marker + ".json").read()))
-            epoch += phase.epochs
-            log.info("phase %s already done in %s; resumed from it", name, state_dir)
-            continue
+        initial, phase_resume = first, None
+        if resume is not None:
+            resume.restore_model(model)
+            if resume.phase == name:
+                resume.restore_optimizer(model)
+                initial, phase_resume = resume.epochs_done, resume
+            if not steps:
+                # The epochs that ran (early stops included) and the phases before this one.
+                _skip_shuffles(train_ds, len(history), len(done_phases))
+            print(f"resuming training at epoch {initial + 1}/{epoch} (phase {name})", flush=True)
+            resume = None
         counts = model_lib.count_params(model)
         log.info("phase %s: %d epochs, lr %g, backbone %s (%d layers train), params %s",
-                     name, phase.epochs, phase.learning_rate, phase.backbone, len(trainable), counts)
-        result = model.fit(train_ds, validation_data=eval_ds, epochs=epoch + phase.epochs,
-                           initial_epoch=epoch, steps_per_epoch=steps,
-                           callbacks=_callbacks(train, os.path.join(state_dir, name), log_dir)
-                           + list(extra_callbacks),
-                           verbose=2)
-        rows = [{"phase": name, "epoch": e + 1, **{k: float(v[i]) for k, v in result.history.items()},
-                 "trainable_params": counts["trainable"]}
-                for i, e in enumerate(result.epoch)]
-        history.extend(rows)
-        model.save_weights(done_marker)
-        with tf.io.gfile.GFile(done_marker + ".json", "w") as f:
-            json.dump(rows, f)
-        epoch += phase.epochs
+                 name, phase.epochs, phase.learning_rate, phase.backbone, len(trainable), counts)
+        callbacks = _callbacks(train, log_dir)
+        saver = training_state.EpochStateSaver(writer, name, history, callbacks, counts["trainable"],
+                                               resume=phase_resume)
+        model.fit(train_ds, validation_data=eval_ds, epochs=epoch, initial_epoch=initial,
+                  steps_per_epoch=steps, callbacks=callbacks + [saver] + list(extra_callbacks),
+                  verbose=2)
+        # EarlyStopping has put the best weights back: the phase's outcome.
+        writer.write(model, phase=name, phase_done=True, epochs_done=epoch, history=history)
+    if resume is not None:
+        # Every phase was finished before the kill (it came during the export).
+        resume.restore_model(model)
     return history
 
 
@@ -344,6 +362,7 @@ def run_fn(fn_args) -> None:
         with strategy.scope():
             model = model_lib.create_model(config.model, len(classes), train.augmentation, train.seed)
     state_dir = os.path.join(custom["state_root"], state_key(fn_args, custom))
+    resumed_after = training_state.finished_epochs(state_dir)
     start = time.time()
     with strategy.scope():
         history = fit_phases(model, config, train_ds, eval_ds, state_dir, fn_args.model_run_dir)
@@ -355,6 +374,9 @@ def run_fn(fn_args) -> None:
         "alpha": config.model.alpha, "params": counts, "strategy": strategy_desc,
         "precision": precision, "devices": [d.name for d in tf.config.list_logical_devices()],
         "train_seconds": train_seconds, "epochs_run": len(history),
+        # Epochs a killed earlier attempt had finished (0: trained in one go);
+        # train_seconds counts this attempt only.
+        "resumed_after_epochs": resumed_after,
     }
     with tf.io.gfile.GFile(os.path.join(fn_args.model_run_dir, features.HISTORY_FILE), "w") as f:
         json.dump({"history": history, **metadata}, f, indent=2)

@@ -8,7 +8,6 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-import tf_keras
 from PIL import Image
 
 from tests.conftest import SHAPE_CLASSES, trainer_config
@@ -79,53 +78,7 @@ def test_transform_features_signature_gives_label_ids(exported, shapes_prepared)
     out = loaded.signatures["transform_features"](examples=tf.constant(records))
     labels = [tf.train.Example.FromString(r).features.feature["label"].bytes_list.value[0].decode()
               for r in records]
-    assert out["label_id"].numpy().ravel().tolist() == [SHAPE_CLASSES.index(l) for l in labels]
-
-
-class _KillAt(tf_keras.callbacks.Callback):
-    """Stops training the way a killed process would: mid-run, without cleanup."""
-
-    def __init__(self, epoch):
-        super().__init__()
-        self.kill_epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.kill_epoch:
-            raise KeyboardInterrupt("killed")
-
-
-class _Epochs(tf_keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.seen.append(epoch)
-
-
-def test_a_killed_trainer_resumes_where_it_stopped(shapes_transformed, tmp_path):
-    from visiontune.components import model as model_lib
-
-    _, transformed_dir, classes, size = shapes_transformed
-    config = _config(warmup={"epochs": 1}, fine_tune={"epochs": 4, "backbone": "all"},
-                     backup_every_seconds=0)  # a backup at every epoch's end
-    data = dict(image_size=size, batch_size=8, num_classes=3)
-    train_ds = trainer.create_dataset([os.path.join(transformed_dir, "train*")], training=True, **data)
-    eval_ds = trainer.create_dataset([os.path.join(transformed_dir, "eval*")], training=False, **data)
-    state = str(tmp_path / "state")
-
-    model = model_lib.create_model(config.model, 3)
-    with pytest.raises(KeyboardInterrupt):
-        # Warm-up is epoch 0; fine-tuning runs epochs 1-4 and is killed as epoch 3 starts.
-        trainer.fit_phases(model, config, train_ds, eval_ds, state, str(tmp_path / "logs"),
-                           extra_callbacks=[_KillAt(3)])
-
-    seen = _Epochs()
-    model = model_lib.create_model(config.model, 3)
-    history = trainer.fit_phases(model, config, train_ds, eval_ds, state, str(tmp_path / "logs"),
-                                 extra_callbacks=[seen])
-    assert seen.seen == [3, 4]  # warm-up not redone, fine-tuning epochs 1-2 not redone
-    assert [r["phase"] for r in history] == ["warmup", "fine_tune", "fine_tune"]
+    assert out["label_id"].numpy().ravel().tolist() == [SHAPE_CLASSES.index(name) for name in labels]
 
 
 def _epoch_orders(ds, epochs=2):
@@ -155,24 +108,3 @@ def test_training_order_depends_on_the_seed_only(shapes_transformed):
     assert orders(7, cache=True)[0] != first
     unshuffled = _epoch_orders(trainer.create_dataset(files, size, 8, training=False), epochs=1)[0]
     assert unshuffled != first and sorted(unshuffled) == sorted(first)
-
-
-@pytest.mark.parametrize("min_seconds, resumed_at", [(0, 2), (3600, 0)])
-def test_backups_are_throttled_by_time(tmp_path, min_seconds, resumed_at):
-    """Backing up every epoch costs ~7 % on short epochs: between backups at least min_seconds pass."""
-    import numpy as np
-    import tf_keras
-
-    x, y = np.ones((8, 2), "float32"), np.ones((8, 1), "float32")
-
-    def fit(callbacks):
-        model = tf_keras.Sequential([tf_keras.Input((2,)), tf_keras.layers.Dense(1)])
-        model.compile("sgd", "mse")
-        model.fit(x, y, epochs=4, verbose=0, callbacks=[
-            trainer.ThrottledBackupAndRestore(str(tmp_path / "backup"), min_seconds)] + callbacks)
-
-    with pytest.raises(KeyboardInterrupt):
-        fit([_KillAt(2)])  # epochs 0 and 1 finished
-    seen = _Epochs()
-    fit([seen])
-    assert seen.seen[0] == resumed_at
