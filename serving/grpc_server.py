@@ -5,12 +5,19 @@ Implements what clients call: ``PredictionService/Predict``,
 Other methods answer UNIMPLEMENTED (the generated base servicer's default).
 Errors are TF Serving's status codes: INVALID_ARGUMENT for a bad request,
 NOT_FOUND for an unknown model or version; a message over the size limit is
-refused by gRPC itself with RESOURCE_EXHAUSTED.
+refused by gRPC itself with RESOURCE_EXHAUSTED; an unknown version label is
+INVALID_ARGUMENT (no labels are configured), in GetModelStatus too.
+
+Bounded like the REST server: ``workers`` threads compute requests (gRPC
+holds no thread for an idle connection), at most ``8 * workers`` RPCs wait
+for one (more are refused with RESOURCE_EXHAUSTED), and a connection idle
+for ``idle_timeout`` is closed (clients reconnect by themselves).
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 from concurrent import futures
 from typing import Optional
 
@@ -93,9 +100,8 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
 
     def GetModelStatus(self, request, context):
         try:
-            name, version, _ = _spec(request.model_spec)
             response = get_model_status_pb2.GetModelStatusResponse()
-            for s in self.manager.status(name, version):
+            for s in self.manager.status(*_spec(request.model_spec)):
                 entry = response.model_version_status.add()
                 entry.version = s.version
                 entry.state = get_model_status_pb2.ModelVersionStatus.State.Value(s.state)
@@ -106,19 +112,36 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
             _abort(context, e)
 
 
+def _check_free(host: str, port: int) -> None:
+    """Binds the address once here: gRPC itself reports a port in use with a log line and a RuntimeError."""
+    if not 0 <= port <= 65535:
+        raise OSError(f"port {port} is not in 0-65535")
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as gRPC binds
+        probe.bind((host, port))
+
+
 class GrpcServer:
-    def __init__(self, manager: ModelManager, host: str = "127.0.0.1", port: int = 8500,
-                 max_workers: int = 8):
-        limit = manager.limits.max_body_bytes
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-                                  options=[("grpc.max_receive_message_length", limit),
-                                           ("grpc.max_send_message_length", -1),
-                                           ("grpc.so_reuseport", 0)])
+    def __init__(self, manager: ModelManager, host: str = "127.0.0.1", port: int = 8500):
+        limits = manager.limits
+        _check_free(host, port)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="grpc"),
+            maximum_concurrent_rpcs=8 * limits.workers,
+            options=[("grpc.max_receive_message_length", limits.max_body_bytes),
+                     ("grpc.max_send_message_length", -1),
+                     ("grpc.max_connection_idle_ms", int(limits.idle_timeout * 1000)),
+                     ("grpc.so_reuseport", 0)])
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(manager),
                                                                            self.server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), self.server)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.port = self.server.add_insecure_port(address)
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as e:   # taken between the check and here
+            raise OSError(f"cannot bind gRPC to {address}: {e}") from None
         if not self.port:
             raise OSError(f"cannot bind gRPC to {address}")
         self.host = host

@@ -5,9 +5,12 @@ this module does the same for the built-in server (``visiontune serve`` when
 no ``tensorflow_model_server`` is installed):
 
 * A poller thread rescans the base path every ``poll_seconds``.  A version
-  folder is a candidate once ``saved_model.pb`` is there (the Pusher, like
-  TF Serving's own tooling, writes it last) *and* the folder has not changed
-  since the previous scan, so a copy still in progress is never loaded.
+  folder's name is ASCII digits (:func:`model_versions.version_number`;
+  anything else, such as ``²`` or the Pusher's hidden temporary folders, is
+  ignored).  It is a candidate once ``saved_model.pb`` is there (the Pusher
+  renames a complete copy into place; other tools write that file last)
+  *and* the folder has not changed since the previous scan, so a copy still
+  in progress is never loaded.
 * The new version is loaded and warmed up in the poller thread while the
   previous ones keep answering; it joins the served set in one atomic swap.
   A version that fails to load is reported (``END`` with the error) and
@@ -17,8 +20,11 @@ no ``tensorflow_model_server`` is installed):
   reference to its version, so unloading never breaks one in flight.
 
 Request handling (:meth:`ModelManager.predict`) validates inputs against the
-signature and raises :class:`ServingError` with TF Serving's status codes,
-which the REST and gRPC front ends turn into their own error shapes.
+signature, refuses images whose header declares more than ``max_pixels``,
+runs the model in calls of at most ``inference_batch_size`` instances (so a
+request of 1,000 images costs the memory of 32 at a time), and raises
+:class:`ServingError` with TF Serving's status codes, which the REST and
+gRPC front ends turn into their own error shapes.
 """
 
 from __future__ import annotations
@@ -28,11 +34,17 @@ import logging
 import os
 import threading
 import time
+import warnings
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from visiontune import features
+from visiontune.components import model_versions
+from visiontune.serving import image_header
 
 log = logging.getLogger("visiontune.serving")
+# protobuf's C++ parser warns (besides stopping early) on bytes that are not a message; the request
+# gets a 400 that says so (_declared_pixels), the log needs no warning per request.
+warnings.filterwarnings("ignore", message="Unexpected end-group tag", category=RuntimeWarning)
 
 # ModelVersionStatus.State values (tensorflow_serving/apis/get_model_status.proto).
 START, LOADING, AVAILABLE, UNLOADING, END = "START", "LOADING", "AVAILABLE", "UNLOADING", "END"
@@ -65,10 +77,22 @@ def invalid(message: str) -> ServingError:
 
 @dataclasses.dataclass
 class Limits:
-    """Request limits of the built-in server (TF Serving has none of its own)."""
+    """What one client can cost the built-in server (TF Serving has none of these of its own).
 
-    max_batch_size: int = 1024          # instances per request
-    max_body_bytes: int = 64 << 20      # REST body / gRPC message
+    Memory: at most ``workers`` model calls run at once, each on at most
+    ``inference_batch_size`` images whose headers declare at most
+    ``max_pixels`` in all (one bigger image runs alone); at most ``2 * workers``
+    request bodies of ``max_body_bytes`` are held at once.
+    """
+
+    max_instances: int = 1024           # instances per request (--max-instances)
+    max_body_bytes: int = 64 << 20      # REST body / gRPC message (--max-body-bytes)
+    max_pixels: int = 64 * 1024 * 1024  # per image, from its header (--max-pixels; ingest's data.max_pixels)
+    inference_batch_size: int = 32      # instances per model call (--inference-batch-size)
+    workers: int = 4                    # requests computed at once (REST pool; gRPC threads)
+    max_connections: int = 256          # open REST connections; idle ones are closed first
+    idle_timeout: float = 60.0          # seconds a keep-alive connection may wait for its next request
+    read_timeout: float = 60.0          # seconds to receive a whole request once it has begun
 
 
 @dataclasses.dataclass
@@ -219,8 +243,14 @@ class ModelManager:
             names = os.listdir(self.base_path)
         except FileNotFoundError:
             return {}
-        return {int(n): os.path.join(self.base_path, n) for n in names
-                if n.isdigit() and os.path.isdir(os.path.join(self.base_path, n))}
+        found = {}
+        for name in names:
+            version = model_versions.version_number(name)
+            path = os.path.join(self.base_path, name)
+            # "007" and "7" are the same version to TF Serving too; the first listed wins.
+            if version is not None and version not in found and os.path.isdir(path):
+                found[version] = path
+        return found
 
     def poll_once(self, initial: bool = False) -> None:
         on_disk = self._on_disk()
@@ -284,11 +314,17 @@ class ModelManager:
         if name != self.name:
             raise ServingError("NOT_FOUND", f"Servable not found for request: Latest({name})")
 
+    @staticmethod
+    def _check_label(label: Optional[str]) -> None:
+        # No labels are configured (yet): every label is unknown, which TF Serving answers with
+        # INVALID_ARGUMENT (server_core.cc), not NOT_FOUND.
+        if label:
+            raise invalid(f"Unrecognized servable version label: {label}")
+
     def servable(self, name: str, version: Optional[int] = None, label: Optional[str] = None) -> Servable:
         """The version a request names, or the latest available one."""
         self._check_name(name)
-        if label:
-            raise ServingError("NOT_FOUND", f"Unrecognized servable version label: {label}")
+        self._check_label(label)
         servables = self._servables  # one consistent snapshot
         if version is None:
             if not servables:
@@ -301,8 +337,9 @@ class ModelManager:
     def versions(self) -> List[int]:
         return sorted(self._servables)
 
-    def status(self, name: str, version: Optional[int] = None) -> List[VersionStatus]:
+    def status(self, name: str, version: Optional[int] = None, label: Optional[str] = None) -> List[VersionStatus]:
         self._check_name(name)
+        self._check_label(label)
         if version is not None:
             if version not in self._status:
                 raise ServingError("NOT_FOUND", f"Could not find version {version} of model {name}")
@@ -325,7 +362,6 @@ class ModelManager:
                 output_filter: Sequence[str] = ()) -> Dict[str, object]:
         """Runs ``signature`` on numpy ``inputs``; returns numpy outputs by name."""
         import numpy as np
-        import tensorflow as tf
 
         expected = set(signature.inputs)
         if set(inputs) != expected:
@@ -336,16 +372,95 @@ class ModelManager:
         unknown = [o for o in output_filter if o not in signature.outputs]
         if unknown:
             raise invalid(f"output tensor alias not found in signature: {', '.join(unknown)}")
-        tensors = {}
+        arrays = {}
         for name, value in inputs.items():
             spec = signature.inputs[name]
             array = np.asarray(value)
-            if array.ndim and array.shape[0] > self.limits.max_batch_size:
+            if array.ndim and array.shape[0] > self.limits.max_instances:
                 raise invalid(f"batch of {array.shape[0]} instances exceeds the server's limit of "
-                              f"{self.limits.max_batch_size} (--max-batch-size)")
+                              f"{self.limits.max_instances} (--max-instances)")
             if not spec.shape.is_compatible_with(array.shape):
                 raise invalid(f"input {name!r} has shape {list(array.shape)}, the signature expects "
                               f"{spec.shape.as_list() if spec.shape.rank is not None else 'any'}")
+            arrays[name] = array
+        pixels = self._declared_pixels(arrays)
+        calls = [self._call(signature, {k: v[part] for k, v in arrays.items()} if part else arrays)
+                 for part in self._parts(signature, arrays, pixels)]
+        wanted = output_filter or list(calls[0])
+        if len(calls) == 1:
+            return {k: calls[0][k] for k in wanted}
+        return {k: np.concatenate([c[k] for c in calls]) for k in wanted}
+
+    def _declared_pixels(self, arrays: Mapping[str, object]) -> Optional[List[int]]:
+        """Pixels per instance, from the image headers (raises INVALID_ARGUMENT over ``max_pixels``).
+
+        Images travel as ``image_bytes`` or inside the ``image`` feature of
+        serialized ``tf.Example``s (``examples``); None when there are none.
+        """
+        limit = self.limits.max_pixels
+        images = arrays.get(features.IMAGE_BYTES_INPUT)
+        examples = arrays.get(features.EXAMPLES_INPUT)
+        if images is None and examples is None:
+            return None
+        counts: List[int] = []
+        if images is not None and images.dtype == object and images.ndim == 1:
+            for i, data in enumerate(images):
+                counts.append(_checked_pixels(data, limit, f"{features.IMAGE_BYTES_INPUT}[{i}]"))
+        elif examples is not None and examples.dtype == object and examples.ndim == 1:
+            from tensorflow.core.example import example_pb2
+
+            for i, data in enumerate(examples):
+                where = f"{features.EXAMPLES_INPUT}[{i}]"
+                example = example_pb2.Example()
+                try:
+                    # A message parses to its last byte; the C++ parser stops early on some garbage.
+                    complete = example.MergeFromString(bytes(data)) == len(data)
+                except Exception:  # protobuf's DecodeError
+                    complete = False
+                if not complete:
+                    raise invalid(f"{where} is not a serialized tf.Example (send an encoded image as "
+                                  f"{features.IMAGE_BYTES_INPUT} to signature "
+                                  f"{features.SERVING_DEFAULT!r})") from None
+                feature = example.features.feature.get(features.IMAGE_KEY)
+                values = feature.bytes_list.value if feature is not None else []
+                counts.append(sum(_checked_pixels(v, limit, f"{where}.{features.IMAGE_KEY}") for v in values))
+        else:
+            return None
+        return counts
+
+    def _parts(self, signature: Signature, arrays: Mapping[str, object],
+               pixels: Optional[List[int]]) -> List[Optional[slice]]:
+        """Slices of the batch for one model call each: ``[None]`` (all at once) when it cannot be split.
+
+        A part holds at most ``inference_batch_size`` instances and, when the
+        inputs are images, at most ``max_pixels`` declared pixels (at least
+        one instance), so decode memory stays bounded whatever the request.
+        """
+        sizes = {a.shape[0] if a.ndim else None for a in arrays.values()}
+        batch = sizes.pop() if len(sizes) == 1 else None
+        splittable = batch is not None and batch > 0 and all(
+            spec.shape.rank and spec.shape[0] is None for spec in list(signature.outputs.values())
+            + list(signature.inputs.values()))
+        if not splittable:
+            return [None]
+        step, budget = max(1, self.limits.inference_batch_size), self.limits.max_pixels
+        parts, start, used = [], 0, 0
+        for i in range(batch):
+            cost = pixels[i] if pixels else 0
+            if i > start and (i - start >= step or used + cost > budget):
+                parts.append(slice(start, i))
+                start, used = i, 0
+            used += cost
+        parts.append(slice(start, batch))
+        return parts if len(parts) > 1 else [None]
+
+    @staticmethod
+    def _call(signature: Signature, arrays: Mapping[str, object]) -> Dict[str, object]:
+        import tensorflow as tf
+
+        tensors = {}
+        for name, array in arrays.items():
+            spec = signature.inputs[name]
             try:
                 tensors[name] = tf.convert_to_tensor(array, dtype=spec.dtype)
             except (TypeError, ValueError) as e:
@@ -358,8 +473,19 @@ class ModelManager:
         except tf.errors.OpError as e:
             raise ServingError(_code_name(e.error_code) if e.error_code else "INTERNAL",
                                tf_error_message(e)) from None
-        wanted = output_filter or list(result)
-        return {k: result[k].numpy() for k in wanted}
+        except UnicodeDecodeError:
+            # TensorFlow's error message quoted the client's bytes and could not be decoded itself.
+            raise invalid(f"the model refused the request's bytes (inputs {sorted(arrays)}), in a message "
+                          "that quotes them and is not UTF-8") from None
+        return {k: v.numpy() for k, v in result.items()}
+
+
+def _checked_pixels(data: bytes, limit: int, where: str) -> int:
+    pixels = image_header.declared_pixels(data)
+    if pixels > limit:
+        raise invalid(f"{where}: the image's header declares {pixels} pixels, more than the server's limit "
+                      f"of {limit} (--max-pixels); send a smaller image")
+    return pixels
 
 
 def tf_error_message(e) -> str:

@@ -313,6 +313,12 @@ def test_bad_rest_requests_get_tf_serving_errors(served, image_files):
         ("/v1/models/nope:predict", json.dumps({"instances": [{"b64": _b64(png)}]}).encode(), 404),
         (f"/v1/models/{served.name}/versions/999999999999:predict",
          json.dumps({"instances": [{"b64": _b64(png)}]}).encode(), 404),
+        # No labels are configured: INVALID_ARGUMENT, as TF Serving answers an unknown label.
+        (f"/v1/models/{served.name}/labels/no-such-label:predict",
+         json.dumps({"instances": [{"b64": _b64(png)}]}).encode(), 400),
+        # Image bytes where serialized tf.Examples belong.
+        (predict, json.dumps({"signature_name": "serving_examples", "instances": [{"b64": _b64(png)}]}).encode(),
+         400),
     ]
     for path, body, status in cases:
         with pytest.raises(PredictionError) as e:
@@ -336,6 +342,8 @@ def test_bad_grpc_requests_get_tf_serving_codes(served, image_files):
          {"INVALID_ARGUMENT", "FAILED_PRECONDITION"}),   # real TF Serving says FAILED_PRECONDITION
         (GrpcClient(served.grpc_target, "nope"), {"image_bytes": np.array([png], dtype=object)}, {"NOT_FOUND"}),
         (served.grpc(version=999999999999), {"image_bytes": np.array([png], dtype=object)}, {"NOT_FOUND"}),
+        (served.grpc(signature="serving_examples"), {"examples": np.array([png], dtype=object)},
+         {"INVALID_ARGUMENT"}),   # image bytes where serialized tf.Examples belong
     ]
     for client, inputs, codes in cases:
         with pytest.raises(PredictionError) as e:
@@ -353,16 +361,16 @@ def test_builtin_limits_on_batch_and_body_size(served, image_files):
     png = encode_for_serving(image_files[0])
     manager = served.manager
     saved = manager.limits
-    manager.limits = Limits(max_batch_size=4, max_body_bytes=4 * len(png) * 2)
+    manager.limits = Limits(max_instances=4, max_body_bytes=4 * len(png) * 2)
     small_grpc = GrpcServer(manager, port=0).start()
     try:
         rest = served.rest()
         with pytest.raises(PredictionError) as e:
             rest.predict_images([png] * 5)
-        assert e.value.http_status == 400 and "--max-batch-size" in e.value.message
+        assert e.value.http_status == 400 and "--max-instances" in e.value.message
         with pytest.raises(PredictionError) as e:
             rest.predict_images([png] * 4 + [png * 3])
-        assert e.value.http_status == 400 and "--max-body-bytes" in e.value.message
+        assert e.value.http_status == 413 and "--max-body-bytes" in e.value.message
         client = GrpcClient(small_grpc.target, served.name)
         with pytest.raises(PredictionError) as e:
             client.predict_images([png] * 5)
@@ -502,11 +510,21 @@ def test_serve_command_errors(tmp_path, capsys):
 
 
 def test_tf_serving_config_keeps_the_same_versions():
+    """The generated --model_config_file parses as TF Serving's own ModelServerConfig proto."""
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
     from visiontune.serving.tf_serving import tf_serving_config
 
-    config = tf_serving_config("gtsrb", "/srv/models/gtsrb", 3)
-    assert 'name: "gtsrb"' in config and 'base_path: "/srv/models/gtsrb"' in config
-    assert "latest { num_versions: 3 }" in config
+    text = tf_serving_config("gtsrb", "/srv/models/gtsrb", 3)
+    config = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
+    (model,) = config.model_config_list.config
+    assert (model.name, model.base_path, model.model_platform) == ("gtsrb", "/srv/models/gtsrb", "tensorflow")
+    assert model.model_version_policy.WhichOneof("policy_choice") == "latest"
+    assert model.model_version_policy.latest.num_versions == 3
+    # A truncated file does not parse (the substring checks this replaced passed it).
+    with pytest.raises(text_format.ParseError):
+        text_format.Parse(text.rstrip().rstrip("}"), model_server_config_pb2.ModelServerConfig())
 
 
 # ---------------------------------------------------------------- JSON tensors (no model)

@@ -11,6 +11,7 @@ the pushed TensorFlow Lite model run here with no server.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import sys
 import threading
 
 from visiontune import features
+from visiontune.configs.validation import model_name_problem
 from visiontune.errors import UserError
 from visiontune.serving.tf_serving import TF_SERVING_BINARY, tf_serving_command
 
@@ -37,10 +39,22 @@ def add_commands(sub) -> None:
                    help="latest versions kept available by number (default 2)")
     p.add_argument("--poll-seconds", type=float, default=1.0,
                    help="how often the base path is checked for new versions (default 1)")
-    p.add_argument("--max-batch-size", type=int, default=1024,
+    p.add_argument("--max-instances", "--max-batch-size", dest="max_instances", type=int, default=1024,
                    help="built-in server: most instances per request (default 1024)")
     p.add_argument("--max-body-bytes", type=int, default=64 << 20,
-                   help="built-in server: largest REST body / gRPC message (default 64 MiB)")
+                   help="built-in server: largest REST body / gRPC message (default 64 MiB); larger: 413")
+    p.add_argument("--max-pixels", type=int, default=64 * 1024 * 1024,
+                   help="built-in server: most pixels per image, read from its header before decoding "
+                        "(default 67108864, as data.max_pixels); larger: 400")
+    p.add_argument("--inference-batch-size", type=int, default=32,
+                   help="built-in server: most instances per model call; larger requests run in several "
+                        "(default 32)")
+    p.add_argument("--workers", type=int, default=4,
+                   help="built-in server: requests computed at once, per API (default 4)")
+    p.add_argument("--idle-timeout", type=float, default=60.0,
+                   help="built-in server: seconds an idle keep-alive connection stays open (default 60)")
+    p.add_argument("--read-timeout", type=float, default=60.0,
+                   help="built-in server: seconds a request may take to arrive once begun (default 60)")
     p.add_argument("--builtin", action="store_true",
                    help=f"use the built-in server even when {TF_SERVING_BINARY} is installed")
     p.set_defaults(func=cmd_serve)
@@ -72,13 +86,40 @@ def add_commands(sub) -> None:
 
 # ---------------------------------------------------------------- serve
 
-def cmd_serve(args) -> int:
+def check_serve_args(args) -> str:
+    """Refuses values the servers would choke on, one line each; returns the model's name."""
     base = os.path.abspath(args.model_base_path)
     if not os.path.isdir(base):
         raise UserError(f"{base}: no such folder (the Pusher's SERVING_DIR/MODEL_NAME)")
     name = args.model_name or os.path.basename(base.rstrip(os.sep))
-    if args.num_versions < 1:
-        raise UserError("--num-versions must be at least 1")
+    problem = model_name_problem(name)
+    if problem:
+        given = "--model-name" if args.model_name else "--model-base-path's folder name (pass --model-name)"
+        raise UserError(f"{given}: {problem}")
+    for option, value in (("--rest-port", args.rest_port), ("--grpc-port", args.grpc_port)):
+        if not 0 <= value <= 65535:
+            raise UserError(f"{option}: got {value}, expected a port in 1-65535 (0 turns this API off)")
+    if not args.rest_port and not args.grpc_port:
+        raise UserError("both --rest-port and --grpc-port are 0: nothing to serve")
+    if args.rest_port and args.rest_port == args.grpc_port:
+        raise UserError(f"--rest-port and --grpc-port are both {args.rest_port}: pick two ports")
+    if not (math.isfinite(args.poll_seconds) and args.poll_seconds > 0):
+        raise UserError(f"--poll-seconds: got {args.poll_seconds:g}, expected a number of seconds > 0 "
+                        "(0 would rescan the folder without pause)")
+    for option in ("num_versions", "max_instances", "max_body_bytes", "max_pixels", "inference_batch_size",
+                   "workers"):
+        if getattr(args, option) < 1:
+            raise UserError(f"--{option.replace('_', '-')}: got {getattr(args, option)}, expected an integer >= 1")
+    for option in ("idle_timeout", "read_timeout"):
+        value = getattr(args, option)
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{option.replace('_', '-')}: got {value:g}, expected a number of seconds > 0")
+    return name
+
+
+def cmd_serve(args) -> int:
+    name = check_serve_args(args)
+    base = os.path.abspath(args.model_base_path)
     binary = None if args.builtin else shutil.which(TF_SERVING_BINARY)
     if binary:
         command = tf_serving_command(binary, name, args.model_base_path, grpc_port=args.grpc_port,
@@ -89,17 +130,17 @@ def cmd_serve(args) -> int:
             print("note: tensorflow_model_server listens on all interfaces; --host is ignored",
                   file=sys.stderr)
         os.execv(binary, command)
-    if not args.rest_port and not args.grpc_port:
-        raise UserError("both --rest-port and --grpc-port are 0: nothing to serve")
     return serve_builtin(args, base, name)
 
 
 def serve_builtin(args, base: str, name: str) -> int:
     from visiontune.serving.model_server import Limits, ModelManager
 
+    limits = Limits(max_instances=args.max_instances, max_body_bytes=args.max_body_bytes,
+                    max_pixels=args.max_pixels, inference_batch_size=args.inference_batch_size,
+                    workers=args.workers, idle_timeout=args.idle_timeout, read_timeout=args.read_timeout)
     manager = ModelManager(name, base, num_versions=args.num_versions, poll_seconds=args.poll_seconds,
-                           limits=Limits(args.max_batch_size, args.max_body_bytes))
-    manager.start(wait_seconds=max(30.0, 3 * args.poll_seconds))
+                           limits=limits)
     servers = []
     try:
         if args.rest_port:
@@ -113,11 +154,16 @@ def serve_builtin(args, base: str, name: str) -> int:
     except OSError as e:
         for server in servers:
             server.stop()
-        manager.stop()
-        raise UserError(f"cannot listen on {args.host}: {e}") from None
+        what = "REST" if not servers and args.rest_port else "gRPC"
+        port = args.rest_port if what == "REST" else args.grpc_port
+        raise UserError(f"{what} cannot listen on {args.host} port {port}: "
+                        f"{e.strerror or e}") from None
+    # Ports first (a port in use is refused at once), then the versions on disk.
+    manager.start(wait_seconds=max(30.0, 3 * args.poll_seconds))
     versions = manager.versions()
     where = ", ".join(f"REST {s.url}" if hasattr(s, "url") else f"gRPC {s.target}" for s in servers)
-    print(f"built-in model server (no {TF_SERVING_BINARY} on PATH): model {name!r} from {base}, "
+    why = "--builtin" if args.builtin else f"no {TF_SERVING_BINARY} on PATH"
+    print(f"built-in model server ({why}): model {name!r} from {base}, "
           f"versions {versions or 'none yet (waiting for a push)'}; {where}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
