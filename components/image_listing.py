@@ -436,15 +436,35 @@ def row_problem(label: str, where: str, first: Optional[Tuple[str, str]]) -> Opt
     return None
 
 
+def decode_csv(csv_path: str, raw: bytes) -> str:
+    """A labels CSV's text: UTF-8 (with or without a byte-order mark), else one line saying where it is not.
+
+    Not guessed as Latin-1 or cp1252: a wrong guess gives labels that look
+    right and differ from the class folders' and ``data.classes``' names.
+    """
+    raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise PrepareError(f"{csv_path} line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the CSV "
+                           "as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+
+
 def _read_label_rows(csv_path: str, data: "DataConfig", text: Optional[str] = None
                      ) -> Iterator[Tuple[str, str, int]]:
     """(filename, label, line number) per data row (of ``text`` if given).
 
     Names the columns the CSV has if one is missing.
     """
-    with (io.StringIO(text, newline="") if text is not None
-          else open(csv_path, newline="", encoding="utf-8-sig")) as f:
-        reader = csv.reader(f, delimiter=data.csv_delimiter)
+    if text is None:
+        try:
+            with open(csv_path, "rb") as f:
+                text = decode_csv(csv_path, f.read())
+        except OSError as e:
+            raise PrepareError(f"{csv_path}: cannot read the labels CSV: {e.strerror}") from None
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=data.csv_delimiter)
+    try:
         header = [h.strip() for h in next(reader, [])]
         missing = [c for c in (data.filename_column, data.label_column) if c not in header]
         if missing:
@@ -458,5 +478,7 @@ def _read_label_rows(csv_path: str, data: "DataConfig", text: Optional[str] = No
                 continue  # blank line
             cells = row + [""] * (max(fi, li) + 1 - len(row))
             yield cells[fi].strip(), cells[li].strip(), reader.line_num
+    except csv.Error as e:  # a NUL byte, a field over csv's size limit
+        raise PrepareError(f"{csv_path} line {reader.line_num}: not a readable CSV: {e}") from None
 
 

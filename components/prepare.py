@@ -71,6 +71,7 @@ from visiontune.components.ingest_plan import (
     plan_ingest,
     settings_fingerprint,
 )
+from visiontune.errors import Interrupted, UserError, disk_problem
 
 if TYPE_CHECKING:  # pragma: no cover - only for type checkers
     from visiontune.configs import DataConfig, SegmentationConfig
@@ -150,15 +151,30 @@ def prepare_dataset(data: "DataConfig", output_dir: Optional[str] = None,
     items, rejects, classes, task = plan.items, plan.rejects, plan.classes, plan.task
     hidden = plan.hidden
     _check_output_dir(output_dir, data)
+    _make_parent(output_dir)
 
-    with stop_signals_raise(), temporary_folder(output_dir) as tmp_dir:
-        counts, totals, encode_rejects = _write_shards(tmp_dir, plan, data, segmentation, progress)
-        rejects.extend(encode_rejects)
-        check_written(data, items, encode_rejects, counts, totals, task, f"{output_dir} is left as it was")
-        _write_metadata(tmp_dir, classes, counts, rejects, settings_fingerprint(data, segmentation),
-                        totals, task, hidden)
-        with signals_deferred():
-            _replace_dir(tmp_dir, output_dir)
+    swapped = False
+    try:
+        with stop_signals_raise(), temporary_folder(output_dir) as tmp_dir:
+            counts, totals, encode_rejects = _write_shards(tmp_dir, plan, data, segmentation, progress)
+            rejects.extend(encode_rejects)
+            check_written(data, items, encode_rejects, counts, totals, task, f"{output_dir} is left as it was")
+            _write_metadata(tmp_dir, classes, counts, rejects, settings_fingerprint(data, segmentation),
+                            totals, task, hidden)
+            with signals_deferred():
+                _replace_dir(tmp_dir, output_dir)
+                swapped = True
+    except KeyboardInterrupt:
+        raise Interrupted(f"the new dataset is in {output_dir}" if swapped
+                          else f"{output_dir} is left as it was, no temporary folder stays") from None
+    except UserError:
+        raise
+    except Exception as e:
+        # Beam re-raises a worker's OSError as a RuntimeError holding its text: see visiontune.errors.
+        problem = None if swapped else disk_problem(e, [output_dir])
+        if problem is None:
+            raise
+        raise PrepareError(f"{problem}; {output_dir} is left as it was") from e
     return PrepareResult(output_dir=output_dir, classes=classes, counts=counts, rejects=rejects,
                          totals=totals, task=task, hidden=hidden)
 
@@ -269,6 +285,20 @@ def _check_output_dir(output_dir: str, data: "DataConfig") -> None:
             raise PrepareError(f"{os.path.join(output_dir, stuck[0])}: not written by visiontune prepare, "
                                "where the new dataset's files go (ExampleGen reads every file of a split "
                                "folder); move it away: refusing to delete it")
+
+
+def _make_parent(output_dir: str) -> None:
+    """The folder the output goes into (its temporary folder goes beside it), or one line why not."""
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    existing = parent
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise PrepareError(f"{output_dir}: cannot create the output folder: {existing} is a file, not a folder")
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise PrepareError(f"{output_dir}: cannot create the output folder: {e.strerror} ({parent})") from None
 
 
 # --------------------------------------------------------------------------

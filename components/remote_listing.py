@@ -117,7 +117,7 @@ def list_csv(source: str, labels_csv: str, data: "DataConfig") -> Tuple[Found, R
     seen: Dict[str, Tuple[str, str]] = {}
     for csv_path in csv_paths:
         with gfile.GFile(csv_path, "rb") as f:
-            text = f.read().decode("utf-8-sig")
+            text = image_listing.decode_csv(csv_path, f.read())
         for filename, label, line in image_listing._read_label_rows(csv_path, data, text):
             where = f"{csv_path} line {line}"
             if not filename:

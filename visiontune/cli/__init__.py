@@ -4,7 +4,11 @@ Every command that takes ``--config FILE.yaml`` also takes ``--set
 section.key=value`` (repeatable) and a few shortcut flags; flags win over the
 file.  Errors a user can fix (a missing folder, an unknown setting, a bad
 image) are ``visiontune.errors.UserError``s: printed as one clear line, exit
-status 2, and a traceback only with ``--verbose``.
+status 2, and a traceback only with ``--verbose``; so is a full disk or a
+folder the user may not write, wherever it is met.  Ctrl-C stops a command
+with one line saying what it left, exit status 130.  Commands with output
+folders name them in ``args.output_folders`` (messages name these, not the
+files inside them).
 
 Output is quiet by default: a command's result, one line per pipeline
 component as it starts and ends, Keras's epoch lines, our own ``visiontune.*``
@@ -25,11 +29,13 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
-from visiontune.cli import allocator
-from visiontune.errors import UserError
+from visiontune.cli import allocator, interrupts
+from visiontune.errors import Interrupted, UserError, disk_problem
 
 # Modules adding subcommands: each has ``add_commands(subparsers)``, registering
 # functions ``func(args) -> int``.
+# Stopped by Ctrl-C: the shell's status for a command ended by SIGINT (128 + 2).
+STOPPED_STATUS = 130
 COMMAND_MODULES = ("visiontune.cli.run", "visiontune.cli.vertex", "visiontune.cli.serve",
                    "visiontune.cli.report", "visiontune.cli.compare")
 
@@ -69,6 +75,37 @@ def _quiet_filter(record: logging.LogRecord) -> bool:
             or record.name.startswith("visiontune."))
 
 
+class _HeldErrors(logging.Filter):
+    """Holds the libraries' error records back until the command has ended (quiet mode).
+
+    A failure inside TFX or Beam is logged by them (Beam: with the worker's
+    traceback) and then raised; when the command line says it in one line (a
+    user's mistake, a full disk, Ctrl-C) their records are dropped, else
+    (success, or a bug's traceback) shown as they would have been.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.held: list = []
+        self.handler: Optional[logging.Handler] = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "visiontune" or record.name.startswith("visiontune."):
+            return True
+        self.held.append(record)
+        return False
+
+    def release(self, show: bool) -> None:
+        held, self.held = self.held, []
+        if show and self.handler is not None:
+            for record in held:
+                self.handler.stream.write(self.handler.format(record) + self.handler.terminator)
+            self.handler.flush()
+
+
+_held_errors = _HeldErrors()
+
+
 def _configure_output(verbose: bool) -> None:
     """What a command prints besides its own output.
 
@@ -98,6 +135,8 @@ def _configure_output(verbose: bool) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(_QuietFormatter("%(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_quiet_filter)
+    handler.addFilter(_held_errors)
+    _held_errors.handler = handler
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("visiontune").setLevel(logging.INFO)
     # absl routes TFX's per-component chatter (and its warnings) through here.
@@ -113,10 +152,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # absl flags, where "-v ARG" means --verbosity=ARG (and fails on "-v --set").
         del sys.argv[1:]
     _configure_output(args.verbose)
+    said = False  # the outcome is one line of ours: the libraries' error records go
     try:
-        return args.func(args)
+        with interrupts.delivered():
+            return args.func(args)
     except UserError as e:
         if args.verbose:
             raise
+        said = True
         print(f"visiontune {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        if args.verbose:
+            raise
+        said = True
+        left = f": {e}" if isinstance(e, Interrupted) and str(e) else ""
+        print(f"visiontune {args.command}: stopped (Ctrl-C){left}", file=sys.stderr)
+        return STOPPED_STATUS
+    except Exception as e:
+        # A full disk or a folder one may not write, met anywhere (see visiontune.errors).
+        problem = disk_problem(e, getattr(args, "output_folders", ()))
+        if problem is None or args.verbose:
+            raise
+        said = True
+        print(f"visiontune {args.command}: error: {problem}", file=sys.stderr)
+        return 2
+    finally:
+        _held_errors.release(show=not said)

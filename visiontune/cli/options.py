@@ -7,6 +7,7 @@ the file and over ``--set``.
 from __future__ import annotations
 
 import argparse
+import os
 from typing import List, Sequence, Tuple
 
 Shortcut = Tuple[str, str, str]
@@ -59,7 +60,29 @@ def overrides(args: argparse.Namespace, shortcuts: Sequence[Shortcut] = ()) -> L
     return result
 
 
-def load_config(args: argparse.Namespace, shortcuts: Sequence[Shortcut] = (), local_files: bool = True):
+def load_config(args: argparse.Namespace, shortcuts: Sequence[Shortcut] = (), local_files: bool = True,
+                pipeline: bool = False):
     from visiontune import configs
 
-    return configs.load_config(args.config, overrides(args, shortcuts), local_files=local_files)
+    return configs.load_config(args.config, overrides(args, shortcuts), local_files=local_files,
+                               pipeline=pipeline)
+
+
+def check_output_folder(key: str, path: str) -> None:
+    """Refuses, before any work, an output folder that cannot be made or written.
+
+    Nothing is created: the deepest part of ``path`` that exists must be a
+    folder this process may write (``os.access`` also says no on a read-only
+    file system, even to root).  A full disk is found only by writing.
+    """
+    from visiontune.errors import ConfigError
+
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{key}: {path}: cannot be a folder: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        why = "is on a read-only file system" if read_only else "is not writable by this user"
+        raise ConfigError(f"{key}: {path}: cannot write there: {existing} {why}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from visiontune.cli import options
-from visiontune.errors import UserError
+from visiontune.errors import Interrupted, UserError
 
 
 def cmd_prepare(args) -> int:
@@ -15,6 +15,8 @@ def cmd_prepare(args) -> int:
     config = options.load_config(args, options.PREPARE_SHORTCUTS)
     if not config.data.prepared_dir:
         raise UserError("no output folder: pass --output or set data.prepared_dir")
+    options.check_output_folder("data.prepared_dir", config.data.prepared_dir)
+    args.output_folders = [config.data.prepared_dir]
     result = prepare.prepare_dataset(config.data, progress=not args.quiet,
                                      segmentation=configs.segmentation_settings(config))
     print(result.summary())
@@ -22,12 +24,42 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_run(args) -> int:
-    config = options.load_config(args, options.RUN_SHORTCUTS)
+    config = options.load_config(args, options.RUN_SHORTCUTS, pipeline=True)
+    check_run_folders(config)
+    args.output_folders = [config.pipeline.output_dir, config.pipeline.serving_dir, config.data.prepared_dir]
     from visiontune.pipeline import local_runner
 
-    summary = local_runner.run(config, force_prepare=args.prepare)
+    try:
+        summary = local_runner.run(config, force_prepare=args.prepare)
+    except Interrupted:
+        raise  # ingest said what it left
+    except KeyboardInterrupt:
+        raise Interrupted(f"the components that finished are kept in {config.pipeline.output_dir}: the same "
+                          "command again reuses them (cached)") from None
     print_summary(summary, args.json)
     return 0 if summary.pushed or not args.fail_if_not_pushed else 3
+
+
+def check_run_folders(config) -> None:
+    """The run's output folders can be made and written, and a prepared dataset has an eval split."""
+    from visiontune.components import prepare
+
+    data = config.data
+    folders = [("pipeline.output_dir", config.pipeline.output_dir),
+               ("pipeline.serving_dir", config.pipeline.serving_dir)]
+    if data.example_gen == "tfrecords":
+        folders.append(("data.prepared_dir", data.prepared_dir))
+    for key, path in folders:
+        if path:
+            options.check_output_folder(key, path)
+    # Without a source, the prepared dataset is used as it is (with one, an
+    # eval_fraction of 0 is refused as the config loads).
+    if data.example_gen == "tfrecords" and not data.source and prepare.is_prepared(data.prepared_dir):
+        counts = prepare.load_result(data.prepared_dir).counts
+        if not sum(counts.get("eval", {}).values()):
+            raise UserError(f"data.prepared_dir: {data.prepared_dir} has no eval split (prepared with "
+                            "data.eval_fraction 0?); the Trainer validates on it: prepare it again with "
+                            "an eval_fraction above 0")
 
 
 def cmd_demo(args) -> int:

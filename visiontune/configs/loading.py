@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional, Sequence, Set, Tuple
 import yaml
 
 from visiontune.configs.schema import Config
-from visiontune.configs.validation import describe, refused, setting_error, show, validate
+from visiontune.configs.validation import describe, refused, setting_error, show, validate, validate_for_pipeline
 from visiontune.errors import ConfigError
 
 # Settings holding filesystem paths: resolved against the YAML file's folder.
@@ -79,12 +79,16 @@ def _index(node: yaml.Node, prefix: str, lines: Dict[str, int], name: str) -> No
 def read_yaml(path: str) -> Tuple[Any, Dict[str, int]]:
     """A YAML file's document and the line of each dotted key; errors are one line naming the file."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            raw = f.read()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: cannot read config: not UTF-8 text ({e.reason})") from None
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{line}: cannot read config: not UTF-8 text (byte 0x{raw[e.start]:02x}); "
+                          "save it as UTF-8") from None
     try:
         return _compose(text, path)
     except yaml.MarkedYAMLError as e:
@@ -288,13 +292,14 @@ def _located(error: ConfigError, path: Optional[str], lines: Dict[str, int], ove
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), *,
-                local_files: bool = True) -> Config:
+                local_files: bool = True, pipeline: bool = False) -> Config:
     """Loads a YAML config (or the defaults), applies command-line overrides and validates the result.
 
     Overrides are resolved against the current directory, like any other
     command-line path; the file's own paths against the file's folder.
     ``local_files=False`` (the Vertex compile) skips checks of files on this
-    machine, such as a local ``model.weights``.
+    machine, such as a local ``model.weights``.  ``pipeline``: the config is
+    to run the pipeline (``validate_for_pipeline``), not only to prepare data.
     """
     raw: Dict[str, Any] = {}
     lines: Dict[str, int] = {}
@@ -315,6 +320,8 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), *,
     try:
         config = from_dict(Config, raw)
         validate(config, local_files=local_files)
+        if pipeline:
+            validate_for_pipeline(config)
     except ConfigError as e:
         raise _located(e, path, lines, overridden) from None
     return config

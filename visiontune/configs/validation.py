@@ -179,6 +179,19 @@ def validate(config: Config, local_files: bool = True) -> None:
         _check_segmentation(config)
 
 
+def validate_for_pipeline(config: Config) -> None:
+    """What running the pipeline needs beyond what ``visiontune prepare`` accepts.
+
+    The Trainer validates on the eval split and the Evaluator may score it:
+    ``data.eval_fraction: 0`` (a prepared set without one, for other readers)
+    would leave Transform an empty split, whose schema has no features.
+    """
+    data = config.data
+    if data.source and data.eval_fraction == 0:
+        raise setting_error("data.eval_fraction", "got 0, expected a number in (0, 1) to run the pipeline: "
+                            "the Trainer validates on the eval split (0 is for `visiontune prepare` only)")
+
+
 def _check_model(config: Config, local_files: bool) -> None:
     model = config.model
     info = backbones.get(model.backbone)
