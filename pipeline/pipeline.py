@@ -31,6 +31,8 @@ COMPONENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 TRANSFORM_FN = "visiontune.components.transform.preprocessing_fn"
 TRAINER_FN = "visiontune.components.trainer.run_fn"
 SPLITS_TRAINING = ("train", "eval")
+# Settings only the Evaluator reads; they stay out of the Trainer's cache key.
+BLESSING_SETTINGS = ("min_accuracy", "max_regression")
 
 
 def code_fingerprint(*module_names: str) -> str:
@@ -132,6 +134,10 @@ def create_pipeline(
     # The deployment settings are not the Trainer's business (and leaving them out
     # keeps the Trainer's cache key what it was before they existed).
     config_dict.pop("vertex", None)
+    # Nor are the blessing thresholds (the Evaluator's): raising min_accuracy must
+    # re-judge the trained model, not train it again.
+    for key in BLESSING_SETTINGS:
+        config_dict["evaluation"].pop(key, None)
     trainer_config = {
         "config": config_dict,
         "state_root": trainer_state_root or os.path.join(pipeline_root, "trainer_state"),

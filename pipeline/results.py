@@ -143,19 +143,49 @@ def per_class_from_confusion(matrix: List[List[int]], classes: List[str]) -> Lis
     return rows
 
 
-def blessing_failures(evaluation_uri: str) -> List[str]:
+def blessing_failures(evaluation_uri: str, baseline: Optional[Dict[str, float]] = None) -> List[str]:
+    """Why TFMA did not bless the model: one line per failed threshold, with the numbers compared.
+
+    ``baseline``: the last blessed model's metrics, so that a failed change
+    threshold (TFMA records only the difference) names both models' values.
+    """
     import tensorflow_model_analysis as tfma
 
     try:
         validation = tfma.load_validation_result(evaluation_uri)
     except Exception as e:  # noqa: BLE001 - reported to the user as the reason
         return [f"no validation result in {evaluation_uri}: {e}"]
-    reasons = []
-    for failure in validation.metric_validations_per_slice:
-        for f in failure.failures:
-            reasons.append(f"{f.metric_key.name} {f.metric_value.double_value.value:.4f} "
-                           f"failed {f.metric_threshold}".replace("\n", " "))
-    return reasons
+    return [failure_reason(f, baseline or {})
+            for per_slice in validation.metric_validations_per_slice for f in per_slice.failures]
+
+
+def failure_reason(failure, baseline: Dict[str, float]) -> str:
+    """One TFMA ``ValidationFailure`` in words: the metric, its value, and the bound it missed.
+
+    The thresholds are ``evaluation.min_accuracy`` (a value threshold) and
+    ``evaluation.max_regression`` (a change threshold against the baseline);
+    see ``components.evaluation``.
+    """
+    name = failure.metric_key.name
+    threshold = failure.metric_threshold
+    if not failure.metric_value.HasField("double_value"):
+        return f"{name}: {failure.message.strip() or 'not computed'}"
+    value = failure.metric_value.double_value.value
+    if threshold.HasField("change_threshold") and threshold.change_threshold.HasField("absolute"):
+        allowed = -threshold.change_threshold.absolute.value
+        then = baseline.get(name)
+        if then is None:
+            return (f"{name} changed by {value:+.4f} against the last blessed model, more than "
+                    f"evaluation.max_regression {allowed:g} allows")
+        return (f"{name} {then + value:.4f} is {-value:.4f} below the last blessed model's {then:.4f}, "
+                f"more than evaluation.max_regression {allowed:g} allows")
+    if threshold.HasField("value_threshold"):
+        bounds = threshold.value_threshold
+        if bounds.HasField("lower_bound") and value < bounds.lower_bound.value:
+            return f"{name} {value:.4f} is below evaluation.min_accuracy {bounds.lower_bound.value:g}"
+        if bounds.HasField("upper_bound") and value > bounds.upper_bound.value:
+            return f"{name} {value:.4f} is above the bound {bounds.upper_bound.value:g}"
+    return f"{name} {value:.4f} failed {threshold}".replace("\n", " ")
 
 
 def summarize_run(metadata_path: str) -> RunSummary:
@@ -181,7 +211,7 @@ def summarize_run(metadata_path: str) -> RunSummary:
         if summary.confusion_matrix and sum(map(sum, summary.confusion_matrix)):
             summary.per_class = per_class_from_confusion(summary.confusion_matrix, classes)
         if not summary.blessed:
-            summary.reasons = blessing_failures(evaluation.uri)
+            summary.reasons = blessing_failures(evaluation.uri, summary.baseline_metrics)
     if blessing is None:
         summary.reasons = ["the pipeline stopped before the Evaluator"]
     return summary
