@@ -213,10 +213,12 @@ def gtsrb_slice(tmp_path_factory):
     return root, str(train), str(test_csv), rows
 
 
-def gtsrb_config(root, train, test_csv, **overrides):
-    """MobileNetV2-0.35 at 48 px, 3+3 epochs, evaluated on the test images: a run of a few minutes."""
-    from visiontune import configs
+def gtsrb_settings(root, train, test_csv, **overrides):
+    """The ``--set`` settings of the shared GTSRB run: MobileNetV2-0.35 at 48 px, evaluated on the test images.
 
+    ``overrides`` (``{"training.seed": 7}``) come last and win.  The tests that
+    re-run it through the command line pass these same settings.
+    """
     base = [
         f"data.source={train}", "data.labels_csv=*/GT-*.csv",
         f"data.test_source={os.path.join(GTSRB, 'test', 'Images')}", f"data.test_labels_csv={test_csv}",
@@ -231,7 +233,14 @@ def gtsrb_config(root, train, test_csv, **overrides):
         f"pipeline.output_dir={root / 'run'}", f"pipeline.serving_dir={root / 'serving'}",
         "pipeline.model_name=signs", "pipeline.name=gtsrb-e2e",
     ]
-    return configs.load_config(None, base + [f"{k}={v}" for k, v in overrides.items()])
+    return base + [f"{k}={v}" for k, v in overrides.items()]
+
+
+def gtsrb_config(root, train, test_csv, **overrides):
+    """The shared GTSRB run's config (``gtsrb_settings``): a run of a few minutes."""
+    from visiontune import configs
+
+    return configs.load_config(None, gtsrb_settings(root, train, test_csv, **overrides))
 
 
 @pytest.fixture(scope="session")
@@ -266,3 +275,45 @@ def first_run_snapshot(first_run, gtsrb_slice):
     first run's artifacts after later runs into the same output dir.
     """
     return str(gtsrb_slice[0] / "first_run_snapshot")
+
+
+# --------------------------------------------------------------------------- re-runs of the shared run
+#
+# Later tests run the pipeline again into ``first_run``'s output dir (a cached
+# re-run costs the Evaluator, not a training run).  Each must leave the serving
+# folder, and so the last blessed model, as the first run left them: the tests
+# after it count on one version there.
+
+
+def run_argv(gtsrb_slice, *settings, command="run"):
+    """``visiontune run`` with the shared GTSRB run's settings (``gtsrb_settings``) then ``settings``."""
+    root, train, test_csv, _ = gtsrb_slice
+    argv = [command]
+    for setting in gtsrb_settings(root, train, test_csv) + list(settings):
+        argv += ["--set", setting]
+    return argv
+
+
+def latest_states(metadata_path: str):
+    """{component: state of its latest execution} from a run's ML Metadata (``COMPLETE``, ``CACHED``, ...)."""
+    from ml_metadata.proto import metadata_store_pb2
+
+    from visiontune.pipeline import run_metadata
+
+    store = run_metadata.open_store(metadata_path)
+    by_type = {t.id: t.name for t in store.get_execution_types()}
+    latest = {}
+    for e in sorted(store.get_executions(), key=lambda e: e.id):
+        latest[by_type[e.type_id].rsplit(".", 1)[-1]] = metadata_store_pb2.Execution.State.Name(e.last_known_state)
+    return latest
+
+
+def folder_files(folder: str):
+    """{relative path: (size, mtime_ns)} of every file under ``folder``: what a run must not touch."""
+    found = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            st = os.stat(path)
+            found[os.path.relpath(path, folder)] = (st.st_size, st.st_mtime_ns)
+    return found

@@ -1,7 +1,8 @@
 """End to end: the real pipeline (LocalDagRunner, Beam, TFMA) on a slice of GTSRB.
 
 Needs ../shared (GTSRB and the MobileNetV2-0.35 weights); skipped with the
-reason when it is absent.  CI has it, so CI runs this.
+reason when it is absent.  CI has it, so CI runs this.  A second model judged
+against the first (the regression gate) is in test_blessing.py.
 """
 
 import glob
@@ -14,12 +15,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tests.conftest import GTSRB, GTSRB_CLASSES, gtsrb_config
+from tests.conftest import GTSRB, GTSRB_CLASSES, latest_states
 from visiontune.pipeline import local_runner
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.shared]
 CLASSES = GTSRB_CLASSES
-_config = gtsrb_config  # the shared run (``first_run``, ``gtsrb_slice``) is in conftest.py
 
 
 def _png(path):
@@ -29,19 +29,10 @@ def _png(path):
 
 
 def _executions_by_state(config):
-    from ml_metadata.proto import metadata_store_pb2
-
-    from visiontune.pipeline import run_metadata
-
-    store = run_metadata.open_store(local_runner.metadata_path(config))
-    by_type = {t.id: t.name for t in store.get_execution_types()}
-    latest = {}
-    for e in store.get_executions():
-        latest[by_type[e.type_id].rsplit(".", 1)[-1]] = metadata_store_pb2.Execution.State.Name(e.last_known_state)
-    return latest
+    return latest_states(local_runner.metadata_path(config))
 
 
-def test_first_run_is_blessed_and_pushed_in_tf_serving_layout(first_run, gtsrb_slice):
+def test_first_run_is_blessed_and_pushed_in_tf_serving_layout(first_run, first_run_snapshot):
     config, summary = first_run
     assert summary.blessed and summary.pushed, summary.message()
     versions = glob.glob(os.path.join(config.pipeline.serving_dir, "signs", "*"))
@@ -58,7 +49,7 @@ def test_first_run_is_blessed_and_pushed_in_tf_serving_layout(first_run, gtsrb_s
     for i, row in enumerate(summary.per_class):
         if matrix[i].sum():
             assert row.recall == pytest.approx(matrix[i, i] / matrix[i].sum(), abs=1e-6)
-    saved = json.load(open(os.path.join(config.pipeline.output_dir, "run_summary.json")))
+    saved = json.load(open(os.path.join(first_run_snapshot, "run_summary.json")))  # as the run left it
     assert saved["pushed_dir"] == summary.pushed_dir
 
 
@@ -92,16 +83,3 @@ def test_rerun_with_unchanged_inputs_reuses_cached_outputs(first_run, gtsrb_slic
     # but the identical model is not pushed as a second version.
     assert summary.pushed and summary.pushed_dir == first.pushed_dir
     assert len(glob.glob(os.path.join(config.pipeline.serving_dir, "signs", "*"))) == 1
-
-
-def test_second_model_is_judged_against_the_first_as_baseline(first_run, gtsrb_slice):
-    root, train, test_csv, _ = gtsrb_slice
-    config = _config(root, train, test_csv, **{"training.seed": 7})
-    first_dir = first_run[1].pushed_dir
-    summary = local_runner.run(config)
-    assert _executions_by_state(config)["Trainer"] == "COMPLETE"
-    assert summary.baseline_metrics["sparse_categorical_accuracy"] == pytest.approx(
-        first_run[1].metrics["sparse_categorical_accuracy"])
-    if summary.pushed:
-        assert summary.pushed_dir != first_dir
-        assert len(glob.glob(os.path.join(config.pipeline.serving_dir, "signs", "*"))) == 2
