@@ -14,7 +14,7 @@ def _model(weights="none", size=32, backbone="mobilenet_v2", alpha=0.35):
 
 
 def _trainable_backbone_layers(model):
-    return [l.name for l in model_lib.get_backbone_model(model).layers if l.trainable and l.weights]
+    return [layer.name for layer in model_lib.get_backbone_model(model).layers if layer.trainable and layer.weights]
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +33,18 @@ def test_train_last_n_counts_backbone_layers_and_keeps_batchnorm_frozen(pretrain
     base = model_lib.get_backbone_model(pretrained)
     trained = model_lib.apply_fine_tune_policy(pretrained, "train_last", 8)
     last8 = base.layers[-8:]
-    expected = [l.name for l in last8 if l.weights and not model_lib.is_batch_norm(l)]
+    expected = [layer.name for layer in last8 if layer.weights and not model_lib.is_batch_norm(layer)]
     assert trained == expected and expected  # block_16 depthwise/project, Conv_1
     assert _trainable_backbone_layers(pretrained) == expected
-    assert any(model_lib.is_batch_norm(l) for l in last8)
-    assert all(not l.trainable for l in base.layers if model_lib.is_batch_norm(l))
+    assert any(model_lib.is_batch_norm(layer) for layer in last8)
+    assert all(not layer.trainable for layer in base.layers if model_lib.is_batch_norm(layer))
 
 
 def test_freeze_first_n_and_all(pretrained):
     base = model_lib.get_backbone_model(pretrained)
     trained = model_lib.apply_fine_tune_policy(pretrained, "freeze_first", 100)
-    assert trained == [l.name for l in base.layers[100:] if l.weights and not model_lib.is_batch_norm(l)]
+    assert trained == [layer.name for layer in base.layers[100:]
+                       if layer.weights and not model_lib.is_batch_norm(layer)]
     trained_all = model_lib.apply_fine_tune_policy(pretrained, "all")
     assert set(trained) < set(trained_all)
     assert all(not model_lib.is_batch_norm(base.get_layer(n)) for n in trained_all)
@@ -54,7 +55,7 @@ def test_pretrained_batchnorm_runs_in_inference_mode(pretrained):
     import numpy as np
 
     model_lib.apply_fine_tune_policy(pretrained, "all")
-    bn = next(l for l in model_lib.get_backbone_model(pretrained).layers if model_lib.is_batch_norm(l))
+    bn = next(layer for layer in model_lib.get_backbone_model(pretrained).layers if model_lib.is_batch_norm(layer))
     before = [w.numpy().copy() for w in bn.weights]
     pretrained.compile(optimizer=tf_keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
     x = np.random.RandomState(0).randint(0, 255, (4, 64, 64, 3)).astype("uint8")
@@ -69,9 +70,29 @@ def test_scratch_backbone_trains_its_batchnorm():
     assert any(model_lib.is_batch_norm(model_lib.get_backbone_model(model).get_layer(n)) for n in trained)
 
 
+def _kernel_in_file(path, layer):
+    """A layer's kernel as the Keras weights file stores it (``LAYER/LAYER/kernel``)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        group = f[layer]
+        name = next(n.decode() if isinstance(n, bytes) else n for n in group.attrs["weight_names"]
+                    if (n.decode() if isinstance(n, bytes) else n).endswith("kernel"))
+        return group[name][()]
+
+
 def test_imagenet_weights_load_from_a_path_at_any_size():
-    model = _model(weights=require_shared(MOBILENET_V2_035), size=96)
+    import numpy as np
+
+    path = require_shared(MOBILENET_V2_035)
+    model = _model(weights=path, size=96)
     assert model_lib.count_params(model)["total"] > 410_208
+    # The file's weights are in the model: the first and the last convolution's kernels.
+    base = model_lib.get_backbone_model(model)
+    for layer in ("Conv1", "Conv_1"):
+        np.testing.assert_array_equal(base.get_layer(layer).kernel.numpy(), _kernel_in_file(path, layer))
+    scratch = model_lib.get_backbone_model(_model(weights="none", size=96))
+    assert not np.array_equal(scratch.get_layer("Conv1").kernel.numpy(), _kernel_in_file(path, "Conv1"))
 
 
 @pytest.mark.parametrize("name", sorted(backbones.BACKBONES))
