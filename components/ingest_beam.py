@@ -7,7 +7,12 @@ One Beam element per output shard, not per image.  Why:
   reshuffles); each file's records are in relative-path order, whatever the
   runner and the worker count;
 * memory stays flat as the dataset grows: a worker holds one image at a time,
-  never a whole shard or split;
+  never a whole shard or split.  The listing reaches the workers as one
+  manifest file per shard (JSON lines, next to the outcome file), not inside
+  the pipeline graph: Dataflow refuses a job graph over 10 MB, which ImageNet's
+  1.28 M paths would pass many times over, and Beam's in-memory runner would
+  hold several pickled copies of it.  Counts are summed per shard, so no
+  element per image travels except a reject;
 * the parallelism is the number of shards (``data.num_shards`` per split):
   raise it for more Dataflow workers.
 
@@ -113,12 +118,42 @@ def shard_tasks(items: Sequence[Any], splits: Sequence[str], num_shards: int,
     return tasks
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardManifest:
+    """A ``ShardTask`` as a Beam element: its entries stay in the ``manifest`` file."""
+
+    split: str
+    path: str
+    manifest: str
+
+
+def write_manifests(tasks: Sequence[ShardTask], folder: str) -> List[ShardManifest]:
+    """One JSON-lines file of entries per task, in ``folder`` (``FileSystems``: local or ``gs://``)."""
+    if not FileSystems.exists(folder):
+        FileSystems.mkdirs(folder)
+    shards = []
+    for index, task in enumerate(tasks):
+        manifest = FileSystems.join(folder, f"shard-{index:05d}.jsonl")
+        with FileSystems.create(manifest) as f:
+            for entry in task.entries:
+                f.write(json.dumps(entry).encode("utf-8") + b"\n")
+        shards.append(ShardManifest(task.split, task.path, manifest))
+    return shards
+
+
+def _entries(manifest: str) -> Iterator[Tuple[int, str, str, str, str]]:
+    with FileSystems.open(manifest, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        for line in f:
+            yield tuple(json.loads(line))
+
+
 class WriteShard(beam.DoFn):
     """Encodes a shard's images one by one into its file.
 
-    Main output: ``(split, label)`` once per label an image counts for;
-    tagged ``totals``: the split of each image written; tagged ``rejects``:
-    ``(position, path, reason)`` of each image refused.
+    Main output: ``((split, label), images)`` per label of the shard (an image
+    counts for each label it has); tagged ``totals``: ``(split, images
+    written)``; tagged ``rejects``: ``(position, path, reason)`` of each image
+    refused.
     """
 
     def __init__(self, max_file_bytes: int, max_pixels: int, class_values: Optional[Sequence] = None,
@@ -129,10 +164,12 @@ class WriteShard(beam.DoFn):
         self._written = beam.metrics.Metrics.counter("visiontune.ingest", "images_written")
         self._rejected = beam.metrics.Metrics.counter("visiontune.ingest", "images_rejected")
 
-    def process(self, task: ShardTask) -> Iterator[Any]:
-        incomplete = task.path + ".incomplete"
+    def process(self, shard: ShardManifest) -> Iterator[Any]:
+        incomplete = shard.path + ".incomplete"
+        labels_seen: Dict[str, int] = {}
+        written = 0
         with FileSystems.create(incomplete, compression_type=self._compression) as f:
-            for position, path, relpath, label, mask in task.entries:
+            for position, path, relpath, label, mask in _entries(shard.manifest):
                 example, reason, labels = encode_example(path, relpath, label, mask, *self._limits,
                                                          class_values=self._class_values)
                 if example is None:
@@ -141,46 +178,73 @@ class WriteShard(beam.DoFn):
                     continue
                 _TFRecordUtil.write_record(f, example)
                 self._written.inc()
-                yield beam.pvalue.TaggedOutput(_TOTALS, task.split)
+                written += 1
                 for name in labels:
-                    yield task.split, name
-        FileSystems.rename([incomplete], [task.path])
+                    labels_seen[name] = labels_seen.get(name, 0) + 1
+        FileSystems.rename([incomplete], [shard.path])
+        yield beam.pvalue.TaggedOutput(_TOTALS, (shard.split, written))
+        for name, n in labels_seen.items():
+            yield (shard.split, name), n
 
 
-def _write_outcome(_, path: str, counts, totals, rejects) -> None:
+def _write_outcome(_, path: str, counts, totals, rejects, manifests: str) -> None:
     outcome = {"counts": [[s, c, n] for (s, c), n in sorted(counts)],
                "totals": sorted(totals), "rejects": sorted(rejects)}
     with FileSystems.create(path) as f:
         f.write(json.dumps(outcome).encode("utf-8"))
+    _delete_folder(manifests)  # every shard is written: the manifests are spent
+
+
+def _delete_folder(folder: str) -> None:
+    """Deletes a folder's files, then the folder where the filesystem has folders (not ``gs://``)."""
+    files = [m.path for m in FileSystems.match([FileSystems.join(folder, "*")])[0].metadata_list]
+    if files:
+        FileSystems.delete(files)
+    if FileSystems.exists(folder):
+        FileSystems.delete([folder])
 
 
 def write_local(tasks: Sequence[ShardTask], outcome_path: str, workers: int, max_file_bytes: int,
                 max_pixels: int, class_values: Optional[Sequence] = None, gzip: bool = True) -> None:
-    """``EncodeAndWrite`` on the DirectRunner, outside TFX (``visiontune prepare``)."""
+    """``EncodeAndWrite`` on the DirectRunner, outside TFX (``visiontune prepare``).
+
+    The manifests go to a system temporary folder, not beside the outcome file:
+    that is inside the dataset being written, where only the dataset's own
+    files may be.
+    """
+    import tempfile
+
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    with beam.Pipeline(options=PipelineOptions(direct_runner_args(workers))) as pipeline:
-        _ = pipeline | "Ingest" >> EncodeAndWrite(tasks, outcome_path, max_file_bytes, max_pixels,
-                                                  class_values, gzip)
+    with tempfile.TemporaryDirectory(prefix="visiontune-ingest-") as manifests:
+        with beam.Pipeline(options=PipelineOptions(direct_runner_args(workers))) as pipeline:
+            _ = pipeline | "Ingest" >> EncodeAndWrite(tasks, outcome_path, max_file_bytes, max_pixels,
+                                                      class_values, gzip,
+                                                      manifest_dir=os.path.join(manifests, "shards"))
 
 
 @beam.ptransform_fn
 def EncodeAndWrite(pipeline: beam.Pipeline, tasks: Sequence[ShardTask], outcome_path: str,
                    max_file_bytes: int, max_pixels: int, class_values: Optional[Sequence] = None,
-                   gzip: bool = True):
-    """Writes every shard; the counts and rejects go to ``outcome_path`` (see ``read_outcome``)."""
+                   gzip: bool = True, manifest_dir: Optional[str] = None):
+    """Writes every shard; the counts and rejects go to ``outcome_path`` (see ``read_outcome``).
+
+    The shards' manifests are written to ``manifest_dir`` (default: beside
+    ``outcome_path``) now, and deleted once the outcome is written.
+    """
+    manifests = manifest_dir or outcome_path + ".shards"
     results = (pipeline
-               | "Shards" >> beam.Create(tasks)
+               | "Shards" >> beam.Create(write_manifests(tasks, manifests))
                | "Spread" >> beam.Reshuffle()
                | "Write" >> beam.ParDo(WriteShard(max_file_bytes, max_pixels, class_values, gzip))
                .with_outputs(_REJECTS, _TOTALS, main="labels"))
-    counts = results.labels | "CountLabels" >> beam.combiners.Count.PerElement()
-    totals = results[_TOTALS] | "CountImages" >> beam.combiners.Count.PerElement()
+    counts = results.labels | "CountLabels" >> beam.CombinePerKey(sum)
+    totals = results[_TOTALS] | "CountImages" >> beam.CombinePerKey(sum)
     return (pipeline
             | "One" >> beam.Create([None])
             | "Outcome" >> beam.Map(_write_outcome, outcome_path,
                                     counts=beam.pvalue.AsList(counts), totals=beam.pvalue.AsList(totals),
-                                    rejects=beam.pvalue.AsList(results[_REJECTS])))
+                                    rejects=beam.pvalue.AsList(results[_REJECTS]), manifests=manifests))
 
 
 def read_outcome(outcome_path: str, classes: Sequence[str], splits: Sequence[str], segmentation: bool
