@@ -321,7 +321,10 @@ class RestServer:
             return True
         request = _parse_head(head)
         async with self._busy:
-            body = await self._read_body(conn, request, deadline)
+            try:
+                body = await self._read_body(conn, request, deadline)
+            except asyncio.IncompleteReadError:   # the client may have shut down its side only: answer
+                raise _Refused(400, "the request body ends before the length it announced") from None
             status, payload = await asyncio.get_running_loop().run_in_executor(
                 self._pool, handle, self.manager, request.method, request.target, body)
             del body
