@@ -71,7 +71,7 @@ from visiontune.components.ingest_plan import (
     plan_ingest,
     settings_fingerprint,
 )
-from visiontune.errors import Interrupted, UserError, disk_problem
+from visiontune.errors import Interrupted, UserError, disk_problem, was_interrupted
 
 if TYPE_CHECKING:  # pragma: no cover - only for type checkers
     from visiontune.configs import DataConfig, SegmentationConfig
@@ -170,6 +170,8 @@ def prepare_dataset(data: "DataConfig", output_dir: Optional[str] = None,
     except UserError:
         raise
     except Exception as e:
+        if was_interrupted(e):  # in Beam's wrapper: see visiontune.errors
+            raise Interrupted(f"{output_dir} is left as it was, no temporary folder stays") from None
         # Beam re-raises a worker's OSError as a RuntimeError holding its text: see visiontune.errors.
         problem = None if swapped else disk_problem(e, [output_dir])
         if problem is None:

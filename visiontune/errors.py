@@ -83,6 +83,12 @@ def find_disk_error(error: BaseException) -> Optional[Tuple[int, str]]:
     return None
 
 
+def was_interrupted(error: BaseException) -> bool:
+    """Whether ``error`` is Ctrl-C in a wrapper: Beam re-raises a ``KeyboardInterrupt`` met in a
+    transform that runs in this process as a ``RuntimeError``."""
+    return any(isinstance(e, KeyboardInterrupt) for e in _chain(error))
+
+
 def _where(filename: str, folders: Sequence[str]) -> str:
     """What a message names for ``filename``: the user's folder holding it, never a temporary name.
 

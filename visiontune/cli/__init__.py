@@ -26,11 +26,13 @@ import importlib
 import logging
 import os
 import sys
+import threading
+import traceback
 import warnings
 from typing import Optional, Sequence
 
 from visiontune.cli import allocator, interrupts
-from visiontune.errors import Interrupted, UserError, disk_problem
+from visiontune.errors import Interrupted, UserError, disk_problem, was_interrupted
 
 # Modules adding subcommands: each has ``add_commands(subparsers)``, registering
 # functions ``func(args) -> int``.
@@ -81,7 +83,8 @@ class _HeldErrors(logging.Filter):
     A failure inside TFX or Beam is logged by them (Beam: with the worker's
     traceback) and then raised; when the command line says it in one line (a
     user's mistake, a full disk, Ctrl-C) their records are dropped, else
-    (success, or a bug's traceback) shown as they would have been.
+    (success, or a bug's traceback) shown as they would have been.  The same
+    for exceptions that end a library's thread (``threading.excepthook``).
     """
 
     def __init__(self):
@@ -95,11 +98,18 @@ class _HeldErrors(logging.Filter):
         self.held.append(record)
         return False
 
+    def thread_failed(self, failure) -> None:
+        """``threading.excepthook``: Beam's threads fail as its workers stop (gRPC streams closed)."""
+        text = "".join(traceback.format_exception(failure.exc_type, failure.exc_value, failure.exc_traceback))
+        name = failure.thread.name if failure.thread is not None else "?"
+        self.held.append(f"Exception in thread {name}:\n{text}".rstrip("\n"))
+
     def release(self, show: bool) -> None:
         held, self.held = self.held, []
         if show and self.handler is not None:
             for record in held:
-                self.handler.stream.write(self.handler.format(record) + self.handler.terminator)
+                text = record if isinstance(record, str) else self.handler.format(record)
+                self.handler.stream.write(text + self.handler.terminator)
             self.handler.flush()
 
 
@@ -137,6 +147,7 @@ def _configure_output(verbose: bool) -> None:
     handler.addFilter(_quiet_filter)
     handler.addFilter(_held_errors)
     _held_errors.handler = handler
+    threading.excepthook = _held_errors.thread_failed
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("visiontune").setLevel(logging.INFO)
     # absl routes TFX's per-component chatter (and its warnings) through here.
@@ -170,6 +181,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"visiontune {args.command}: stopped (Ctrl-C){left}", file=sys.stderr)
         return STOPPED_STATUS
     except Exception as e:
+        if was_interrupted(e) and not args.verbose:  # Ctrl-C inside Beam's wrapper
+            said = True
+            print(f"visiontune {args.command}: stopped (Ctrl-C)", file=sys.stderr)
+            return STOPPED_STATUS
         # A full disk or a folder one may not write, met anywhere (see visiontune.errors).
         problem = disk_problem(e, getattr(args, "output_folders", ()))
         if problem is None or args.verbose:

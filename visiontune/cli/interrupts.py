@@ -13,10 +13,10 @@ must not be cut in two hold SIGINT back themselves
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import signal
 import threading
+import time
 from typing import Iterator
 
 RETRY_SECONDS = 5.0
@@ -28,30 +28,44 @@ def delivered(retry_seconds: float = RETRY_SECONDS, retries: int = RETRIES) -> I
     """SIGINT raises ``KeyboardInterrupt`` in the block, and raises it again while the block has not ended.
 
     Only in the main thread, and only over Python's own SIGINT handler: one
-    someone else installed (``visiontune serve``'s) is left alone.
+    someone else installed (``visiontune serve``'s) is left alone.  Raised
+    again by a real SIGINT to the main thread, which also wakes it from a
+    blocking wait (``_thread.interrupt_main`` would not).
     """
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    main = threading.main_thread()
+    if threading.current_thread() is not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
         return
-    ended = threading.Event()
-    started = []
+    lock = threading.Lock()
+    state = {"started": False, "ended": False, "pending": False}
 
     def again() -> None:
         for _ in range(retries):
-            if ended.wait(retry_seconds):
-                return
-            _thread.interrupt_main()  # runs the SIGINT handler in the main thread, as a signal would
+            time.sleep(retry_seconds)
+            with lock:
+                if state["ended"]:
+                    return
+                state["pending"] = True
+                signal.pthread_kill(main.ident, signal.SIGINT)
 
     def handler(signum, frame):
-        if not started:
-            started.append(threading.Thread(target=again, name="visiontune-interrupt", daemon=True))
-            started[0].start()
+        with lock:
+            retried, state["pending"] = state["pending"], False
+            if state["ended"]:
+                # A retry sent as the block ended: not the user's; Ctrl-C from now on is Python's again.
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                if retried:
+                    return
+            elif not state["started"]:
+                state["started"] = True
+                threading.Thread(target=again, name="visiontune-interrupt", daemon=True).start()
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, handler)
     try:
         yield
     finally:
-        ended.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with lock:
+            state["ended"] = True
+            if not state["pending"]:  # else the handler puts Python's back when that signal arrives
+                signal.signal(signal.SIGINT, signal.default_int_handler)

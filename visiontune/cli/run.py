@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from visiontune.cli import options
-from visiontune.errors import Interrupted, UserError
+from visiontune.errors import Interrupted, UserError, was_interrupted
 
 
 def cmd_prepare(args) -> int:
@@ -29,13 +29,18 @@ def cmd_run(args) -> int:
     args.output_folders = [config.pipeline.output_dir, config.pipeline.serving_dir, config.data.prepared_dir]
     from visiontune.pipeline import local_runner
 
+    kept = Interrupted(f"the components that finished are kept in {config.pipeline.output_dir}: the same "
+                       "command again reuses them (cached)")
     try:
         summary = local_runner.run(config, force_prepare=args.prepare)
     except Interrupted:
         raise  # ingest said what it left
     except KeyboardInterrupt:
-        raise Interrupted(f"the components that finished are kept in {config.pipeline.output_dir}: the same "
-                          "command again reuses them (cached)") from None
+        raise kept from None
+    except Exception as e:
+        if was_interrupted(e):  # in Beam's wrapper (ImageExampleGen, Transform)
+            raise kept from None
+        raise
     print_summary(summary, args.json)
     return 0 if summary.pushed or not args.fail_if_not_pushed else 3
 
