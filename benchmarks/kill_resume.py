@@ -54,6 +54,8 @@ def _finish(proc: subprocess.Popen, log_path: str) -> dict:
     resumed = RESUME_LINE.search(out)
     first_epoch = next((int(m.group(1)) for m in map(EPOCH_LINE.match, out.splitlines()) if m), None)
     summary = json.loads(out[out.rindex("\n{") + 1:])
+    metrics = summary["metrics"]
+    summary["accuracy"] = metrics.get("accuracy", metrics.get("sparse_categorical_accuracy"))
     return {"summary": summary, "resumed_at": int(resumed.group(1)) if resumed else None,
             "first_epoch_line": first_epoch, "seconds": time.monotonic() - start}
 
@@ -107,7 +109,7 @@ def main(argv=None) -> int:
 
     ref_dir = os.path.join(args.work_dir, "uninterrupted")
     ref = _finish(_demo(ref_dir), os.path.join(args.work_dir, "uninterrupted.log"))
-    ref_acc = ref["summary"]["metrics"]["accuracy"]
+    ref_acc = ref["summary"]["accuracy"]
     epochs = len(_history(ref_dir)["history"])
     print(f"uninterrupted: accuracy {ref_acc:.4f}, {epochs} epochs, {ref['seconds']:.0f} s", flush=True)
 
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
         rerun = _finish(_demo(out_dir), log_path)
         history = _history(out_dir)
         numbers = [r["epoch"] for r in history["history"]]
-        acc = rerun["summary"]["metrics"]["accuracy"]
+        acc = rerun["summary"]["accuracy"]
         row = {"kill_epoch": k, "seconds_into_epoch": into, "epochs_held": held,
                "resumed_at": rerun["resumed_at"], "first_epoch_line": rerun["first_epoch_line"],
                "history_epochs_once": numbers == list(range(1, epochs + 1)),
