@@ -104,13 +104,14 @@ def main(argv=None) -> int:
     import numpy as np
     import tensorflow as tf
 
+    from visiontune.components import model_versions
     from visiontune.serving.client import GrpcClient, RestClient
 
     base = os.path.abspath(args.model_base_path)
-    versions = [v for v in os.listdir(base) if v.isdigit()]
-    if not versions:
+    latest = model_versions.latest_version(os.listdir(base))   # ASCII digits only, as the server counts
+    if latest is None:
         parser.error(f"{base}: no version folders")
-    version_dir = os.path.join(base, max(versions, key=int))
+    version_dir = os.path.join(base, latest)
     name = os.path.basename(base)
     with open(os.path.join(version_dir, "assets.extra", "visiontune.json")) as f:
         import json

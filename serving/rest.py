@@ -200,7 +200,6 @@ class RestServer:
     def __init__(self, manager: ModelManager, host: str = "127.0.0.1", port: int = 8501):
         self.manager = manager
         limits = manager.limits
-        self.limits = limits
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -223,6 +222,11 @@ class RestServer:
         self._ready = threading.Event()
         self._stopping: Optional[asyncio.Event] = None
         self._busy: Optional[asyncio.Semaphore] = None
+
+    @property
+    def limits(self):
+        """The manager's limits, read per request (the pool's size is fixed when the server starts)."""
+        return self.manager.limits
 
     @property
     def url(self) -> str:
