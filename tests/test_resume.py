@@ -105,3 +105,155 @@ def test_a_killed_trainer_resumes_at_the_next_epoch_and_ends_as_an_uninterrupted
     assert lines, out
     counts = {line.split(" - ")[0].strip() for line in lines}
     assert counts == {f"{steps}/{steps}"}, counts
+
+
+# --------------------------------------------------------------------------- the resume state itself
+
+def _tiny_model(seed=0):
+    tf_keras.utils.set_random_seed(seed)
+    inputs = tf_keras.Input((4,))
+    x = tf_keras.layers.Dropout(0.5, seed=1, rng_type="stateful", name="drop")(inputs)
+    model = tf_keras.Model(inputs, tf_keras.layers.Dense(2, name="out")(x))
+    model.compile(tf_keras.optimizers.Adam(0.01), "mse")
+    model.fit(np.ones((8, 4), "float32"), np.ones((8, 2), "float32"), epochs=1, verbose=0)
+    return model
+
+
+def test_the_state_restores_early_stopping_reduce_lr_the_learning_rate_and_the_rng(tmp_path):
+    model = _tiny_model()
+    stop = tf_keras.callbacks.EarlyStopping(patience=4, restore_best_weights=True)
+    reduce = tf_keras.callbacks.ReduceLROnPlateau(patience=3)
+    stop.set_model(model)
+    reduce.set_model(model)
+    stop.on_train_begin()
+    reduce.on_train_begin()
+    stop.wait, stop.best, stop.best_epoch, stop.best_weights = 2, 0.25, 3, [w * 2 for w in model.get_weights()]
+    reduce.wait, reduce.best, reduce.cooldown_counter = 1, 0.5, 2
+    model.optimizer.learning_rate.assign(0.004)  # as ReduceLROnPlateau lowers it
+    writer = training_state.StateWriter(str(tmp_path))
+    writer.write(model, phase="fine_tune", phase_done=False, epochs_done=6, history=[{"epoch": 6}],
+                 callbacks=[stop, reduce])
+
+    state = training_state.load(str(tmp_path))
+    assert (state.phase, state.phase_done, state.epochs_done, state.history) == (
+        "fine_tune", False, 6, [{"epoch": 6}])
+    other = _tiny_model(seed=1)
+    assert not np.allclose(other.get_weights()[0], model.get_weights()[0])
+    state.restore_model(other)
+    state.restore_optimizer(other)
+    for w, ref in zip(other.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(w, ref)
+    for v, ref in zip(other.optimizer.variables, model.optimizer.variables):
+        np.testing.assert_array_equal(v.numpy(), ref.numpy())
+    assert float(other.optimizer.learning_rate.numpy()) == pytest.approx(0.004)
+    # The dropout layer's generator: the next masks are the ones the saved model would draw.
+    gen = other.get_layer("drop")._random_generator._generator
+    np.testing.assert_array_equal(gen.state.numpy(), model.get_layer("drop")._random_generator._generator.state.numpy())
+
+    stop2 = tf_keras.callbacks.EarlyStopping(patience=4, restore_best_weights=True)
+    reduce2 = tf_keras.callbacks.ReduceLROnPlateau(patience=3)
+    for cb in (stop2, reduce2):
+        cb.set_model(other)
+        cb.on_train_begin()  # resets them, as fit does; the saver restores them after
+    state.restore_callbacks([stop2, reduce2])
+    assert (stop2.wait, stop2.best, stop2.best_epoch) == (2, 0.25, 3)
+    for w, ref in zip(stop2.best_weights, stop.best_weights):
+        np.testing.assert_array_equal(w, ref)
+    assert (reduce2.wait, reduce2.best, reduce2.cooldown_counter) == (1, 0.5, 2)
+
+
+def test_a_kill_during_a_write_leaves_the_previous_state(tmp_path):
+    model = _tiny_model()
+    writer = training_state.StateWriter(str(tmp_path))
+    writer.write(model, phase="warmup", phase_done=False, epochs_done=1, history=[{"epoch": 1}])
+    # What a kill between the two writes leaves: the next arrays half written, state.json.tmp too.
+    (tmp_path / "state-000002.npz").write_bytes(b"PK\x03\x04 half")
+    (tmp_path / "state.json.tmp").write_text('{"format": 1, "pha')
+    assert training_state.load(str(tmp_path)).epochs_done == 1
+    # The next attempt numbers its files past the debris and clears it on its first write.
+    writer = training_state.StateWriter(str(tmp_path))
+    writer.write(model, phase="warmup", phase_done=False, epochs_done=2, history=[{"epoch": 1}, {"epoch": 2}])
+    assert training_state.load(str(tmp_path)).epochs_done == 2
+    assert sorted(os.listdir(tmp_path)) == ["state-000003.npz", "state.json"]
+
+
+def test_a_state_of_another_model_is_not_restored(tmp_path):
+    training_state.StateWriter(str(tmp_path)).write(_tiny_model(), phase="warmup", phase_done=False,
+                                                    epochs_done=1, history=[])
+    state = training_state.load(str(tmp_path))
+    wider = tf_keras.Sequential([tf_keras.Input((4,)), tf_keras.layers.Dense(3)])
+    assert state.matches(_tiny_model()) and not state.matches(wider)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "arrays missing", "other format"])
+def test_a_damaged_state_starts_training_over_with_a_warning(tmp_path, caplog, damage):
+    model = _tiny_model()
+    training_state.StateWriter(str(tmp_path)).write(model, phase="warmup", phase_done=False,
+                                                    epochs_done=1, history=[])
+    meta = tmp_path / "state.json"
+    if damage == "truncated":
+        meta.write_text(meta.read_text()[:20])
+    elif damage == "arrays missing":
+        os.remove(tmp_path / "state-000001.npz")
+    else:
+        meta.write_text(meta.read_text().replace('"format": 1', '"format": 99'))
+    assert training_state.load(str(tmp_path)) is None
+    assert "training starts over" in caplog.text
+
+
+# --------------------------------------------------------------------------- a real `visiontune run`, SIGKILLed
+
+@pytest.mark.e2e
+def test_a_sigkilled_visiontune_run_resumes_at_the_next_epoch_with_every_epoch_in_its_history(tmp_path):
+    """SIGKILL of the whole ``visiontune run`` process group during fine-tuning, then the
+    same command again: the Trainer resumes at the epoch that was running, and the
+    exported model's history.json holds every epoch once."""
+    import glob
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import MOBILENET_V2_035, write_shape_tree
+
+    source = write_shape_tree(str(tmp_path / "images"), per_class=10, size=32)
+    weights = MOBILENET_V2_035 if os.path.exists(MOBILENET_V2_035) else "none"
+    out = tmp_path / "run"
+    settings = [
+        f"data.source={source}", f"data.prepared_dir={tmp_path / 'prepared'}", "data.eval_fraction=0.3",
+        "model.backbone=mobilenet_v2", "model.alpha=0.35", f"model.weights={weights}", "model.image_size=32",
+        "model.head.dense_units=[8]", "training.batch_size=8", "training.warmup.epochs=1",
+        "training.fine_tune.epochs=2", "training.fine_tune.backbone=all",
+        # Epochs of 1-2 s (the split is 21 images), so the kill lands inside the epoch it targets.
+        "training.steps_per_epoch=30", "training.early_stopping_patience=0",
+        "evaluation.min_accuracy=0", "evaluation.max_regression=1", f"pipeline.output_dir={out}",
+        f"pipeline.serving_dir={tmp_path / 'serving'}", "pipeline.model_name=shapes", "pipeline.name=resume",
+    ]
+    command = [sys.executable, "-m", "visiontune.cli", "run", "--json"] + [a for s in settings for a in ("--set", s)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("Epoch 3/3"):  # epochs 1 (warm-up) and 2 finished, 3 running
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-30:])
+    states = glob.glob(str(out / "**" / "trainer_state" / "*" / "state.json"), recursive=True)
+    assert len(states) == 1 and json.load(open(states[0]))["epochs_done"] == 2
+
+    rerun = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                           timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    assert "resuming training at epoch 3/3 (phase fine_tune)" in rerun.stdout
+    assert [line for line in rerun.stdout.splitlines() if line.startswith("Epoch ")] == ["Epoch 3/3"]
+    histories = sorted(glob.glob(str(out / "**" / "history.json"), recursive=True), key=os.path.getmtime)
+    history = json.load(open(histories[-1]))
+    assert [(r["phase"], r["epoch"]) for r in history["history"]] == [
+        ("warmup", 1), ("fine_tune", 2), ("fine_tune", 3)]
+    assert history["resumed_after_epochs"] == 2
+    assert json.loads(rerun.stdout[rerun.stdout.rindex("\n{") + 1:])["pushed"]
+    assert not glob.glob(str(out / "**" / "trainer_state" / "*"), recursive=True)  # cleaned up after export
