@@ -27,6 +27,7 @@ from typing import Any, Dict, Sequence
 import tensorflow as tf
 
 from visiontune import features
+from visiontune.errors import UserError
 
 
 def decode_and_resize(encoded: tf.Tensor, size: int) -> tf.Tensor:
@@ -115,6 +116,12 @@ def preprocessing_fn(inputs: Dict[str, Any], custom_config: Dict[str, Any]) -> D
     ``classes.txt``; ``visiontune prepare`` rejects images whose label is not in it).
     """
     size = int(custom_config["image_size"])
+    if features.IMAGE_KEY not in inputs:
+        # SchemaGen infers no features from a split without examples; the command line refuses
+        # data.eval_fraction 0 before the run, this names what reached Transform otherwise.
+        raise UserError(f"Transform: the examples have no {features.IMAGE_KEY!r} feature (they have "
+                        f"{sorted(inputs) or 'none'}): a split without examples, or TFRecords not written "
+                        "by visiontune's ingest")
     if custom_config.get("task") == "segmentation":
         return _segmentation_features(inputs, size, custom_config["mask_lookup"])
     images = tf.map_fn(lambda b: decode_and_resize(b, size), _dense_column(inputs[features.IMAGE_KEY]),
@@ -135,7 +142,8 @@ def _segmentation_features(inputs: Dict[str, Any], size: int, mask_lookup: Seque
     images, shapes = tf.map_fn(
         lambda b: decode_resize_and_size(b, size), _dense_column(inputs[features.IMAGE_KEY]),
         fn_output_signature=(tf.TensorSpec([size, size, 3], tf.uint8), tf.TensorSpec([2], tf.int64)))
-    outputs = {features.PIXELS_KEY: encode_pixels(images), features.IMAGE_HEIGHT_KEY: shapes[:, 0], features.IMAGE_WIDTH_KEY: shapes[:, 1]}
+    outputs = {features.PIXELS_KEY: encode_pixels(images), features.IMAGE_HEIGHT_KEY: shapes[:, 0],
+               features.IMAGE_WIDTH_KEY: shapes[:, 1]}
     if features.MASK_KEY in inputs:
         lookup = tf.constant(list(mask_lookup), tf.uint8)
         masks = tf.map_fn(lambda b: decode_mask(b, size, lookup), _dense_column(inputs[features.MASK_KEY]),

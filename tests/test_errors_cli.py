@@ -125,6 +125,12 @@ CASES = [
     ("run_without_an_eval_split", lambda t: ["run", "--source", _images(t), "--output-dir", t / "run",
                                              "--set", "data.eval_fraction=0"],
      "data.eval_fraction: got 0, expected a number in (0, 1) to run the pipeline"),
+    ("compare_without_an_eval_split", lambda t: [
+        "compare", "--backbones", "mobilenet_v2", "--set", f"data.source={_images(t)}", "--set",
+        "data.eval_fraction=0", "--output-dir", t / "compare"],
+     "data.eval_fraction: got 0, expected a number in (0, 1) to run the pipeline"),
+    ("demo_output_below_a_file", lambda t: ["demo", "--output-dir", _below_a_file(t)],
+     "--output-dir: {tmp}/afile/out: cannot be a folder: {tmp}/afile is a file"),
     ("run_on_prepared_data_without_an_eval_split", lambda t: [
         "run", "--set", "data.example_gen=tfrecords", "--prepared-dir", _prepared_without_eval(t),
         "--output-dir", t / "run"],
@@ -372,3 +378,13 @@ def test_a_full_disk_is_found_inside_beams_wrapper_and_nothing_else_is():
     # Not the disk: a bug, left to its traceback.
     assert disk_problem(RuntimeError("no luck")) is None
     assert disk_problem(FileNotFoundError(2, "No such file or directory", "/data/x")) is None
+
+
+def test_transform_names_a_missing_image_feature():
+    """What reaches Transform when a split had no examples (SchemaGen then infers no features)."""
+    from visiontune.components import transform
+    from visiontune.errors import UserError
+
+    with pytest.raises(UserError, match=r"^Transform: the examples have no 'image' feature \(they have none\): "
+                                        "a split without examples"):
+        transform.preprocessing_fn({}, {"image_size": 32, "classes": ["a", "b"]})

@@ -58,6 +58,11 @@ def command_line(args) -> str:
 
 
 def cmd_compare(args) -> int:
+    # Refused before any backbone starts (each would fail the same way): what the pipeline needs.
+    options.load_config(args, pipeline=True)
+    if args.output_dir:
+        options.check_output_folder("--output-dir", args.output_dir)
+        args.output_folders = [args.output_dir]
     from visiontune.pipeline import compare
 
     specs = compare.parse_backbones(args.backbones)

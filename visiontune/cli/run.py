@@ -68,6 +68,8 @@ def check_run_folders(config) -> None:
 
 
 def cmd_demo(args) -> int:
+    options.check_output_folder("--output-dir", args.output_dir)
+    args.output_folders = [args.output_dir]
     from visiontune.pipeline import demo
 
     summary = demo.run_demo(args.output_dir, overrides=args.overrides)
