@@ -65,10 +65,14 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         if ingest_beam.ingest_workers(data.workers, len(plan.items)) == 1 and not data.workers:
             self._in_process_when_local()
         outcome_path = os.path.join(self._get_tmp_dir(), "ingest_outcome.json")
+        manifest_dir = os.path.join(self._get_tmp_dir(), "shards")
+        shards = ingest_beam.write_manifests(tasks, manifest_dir)
+        del tasks  # the manifests hold the shards' lists now
         class_values = ([list(v) for v in segmentation.class_values] if segmentation is not None else None)
         with self._make_beam_pipeline() as pipeline:
-            _ = pipeline | "Ingest" >> ingest_beam.EncodeAndWrite(tasks, outcome_path, data.max_file_bytes,
-                                                                  data.max_pixels, class_values)
+            _ = pipeline | "Ingest" >> ingest_beam.EncodeAndWrite(shards, manifest_dir, outcome_path,
+                                                                  data.max_file_bytes, data.max_pixels,
+                                                                  class_values)
         counts, totals, encode_rejects = ingest_beam.read_outcome(outcome_path, plan.classes, plan.splits,
                                                                   segmentation is not None)
         ingest_plan.check_written(data, plan.items, encode_rejects, counts, totals, plan.task,

@@ -216,25 +216,27 @@ def write_local(tasks: Sequence[ShardTask], outcome_path: str, workers: int, max
 
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    with tempfile.TemporaryDirectory(prefix="visiontune-ingest-") as manifests:
+    with tempfile.TemporaryDirectory(prefix="visiontune-ingest-") as tmp:
+        manifest_dir = os.path.join(tmp, "shards")
+        shards = write_manifests(tasks, manifest_dir)
         with beam.Pipeline(options=PipelineOptions(direct_runner_args(workers))) as pipeline:
-            _ = pipeline | "Ingest" >> EncodeAndWrite(tasks, outcome_path, max_file_bytes, max_pixels,
-                                                      class_values, gzip,
-                                                      manifest_dir=os.path.join(manifests, "shards"))
+            _ = pipeline | "Ingest" >> EncodeAndWrite(shards, manifest_dir, outcome_path, max_file_bytes,
+                                                      max_pixels, class_values, gzip)
 
 
 @beam.ptransform_fn
-def EncodeAndWrite(pipeline: beam.Pipeline, tasks: Sequence[ShardTask], outcome_path: str,
-                   max_file_bytes: int, max_pixels: int, class_values: Optional[Sequence] = None,
-                   gzip: bool = True, manifest_dir: Optional[str] = None):
+def EncodeAndWrite(pipeline: beam.Pipeline, shards: Sequence[ShardManifest], manifest_dir: str,
+                   outcome_path: str, max_file_bytes: int, max_pixels: int,
+                   class_values: Optional[Sequence] = None, gzip: bool = True):
     """Writes every shard; the counts and rejects go to ``outcome_path`` (see ``read_outcome``).
 
-    The shards' manifests are written to ``manifest_dir`` (default: beside
-    ``outcome_path``) now, and deleted once the outcome is written.
+    ``shards``: ``write_manifests(tasks, manifest_dir)``; the manifests are
+    deleted once the outcome is written.  (Not the tasks themselves: Beam
+    labels a ``ptransform_fn`` with its first argument's text, which for the
+    tasks was a string of the whole listing, 7.7 MiB at 100,000 images.)
     """
-    manifests = manifest_dir or outcome_path + ".shards"
     results = (pipeline
-               | "Shards" >> beam.Create(write_manifests(tasks, manifests))
+               | "Shards" >> beam.Create(shards)
                | "Spread" >> beam.Reshuffle()
                | "Write" >> beam.ParDo(WriteShard(max_file_bytes, max_pixels, class_values, gzip))
                .with_outputs(_REJECTS, _TOTALS, main="labels"))
@@ -244,7 +246,7 @@ def EncodeAndWrite(pipeline: beam.Pipeline, tasks: Sequence[ShardTask], outcome_
             | "One" >> beam.Create([None])
             | "Outcome" >> beam.Map(_write_outcome, outcome_path,
                                     counts=beam.pvalue.AsList(counts), totals=beam.pvalue.AsList(totals),
-                                    rejects=beam.pvalue.AsList(results[_REJECTS]), manifests=manifests))
+                                    rejects=beam.pvalue.AsList(results[_REJECTS]), manifests=manifest_dir))
 
 
 def read_outcome(outcome_path: str, classes: Sequence[str], splits: Sequence[str], segmentation: bool
