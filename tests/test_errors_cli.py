@@ -131,6 +131,8 @@ CASES = [
      "data.eval_fraction: got 0, expected a number in (0, 1) to run the pipeline"),
     ("demo_output_below_a_file", lambda t: ["demo", "--output-dir", _below_a_file(t)],
      "--output-dir: {tmp}/afile/out: cannot be a folder: {tmp}/afile is a file"),
+    ("report_output_below_a_file", lambda t: ["report", t / "run", "--output", _below_a_file(t)],
+     "--output: {tmp}/afile/out: cannot be a folder: {tmp}/afile is a file"),
     ("run_on_prepared_data_without_an_eval_split", lambda t: [
         "run", "--set", "data.example_gen=tfrecords", "--prepared-dir", _prepared_without_eval(t),
         "--output-dir", t / "run"],

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from visiontune.cli import options
+
 
 def cmd_report(args) -> int:
+    if args.output:
+        options.check_output_folder("--output", args.output)
+        args.output_folders = [args.output]
     from visiontune.pipeline import report
 
     index = report.write_report(args.run, report_dir=args.output or "",
