@@ -259,10 +259,11 @@ def load_class_names(path: str) -> List[str]:
     """``classes.txt``, or the one in a SavedModel's ``assets.extra/``, or in a base path's newest version."""
     candidates = [path, os.path.join(path, features.METADATA_DIR, features.CLASSES_FILE)]
     if os.path.isdir(path):
-        versions = [d for d in os.listdir(path) if d.isdigit()]
-        if versions:
-            candidates.append(os.path.join(path, max(versions, key=int), features.METADATA_DIR,
-                                          features.CLASSES_FILE))
+        from visiontune.components.model_versions import latest_version
+
+        newest = latest_version(os.listdir(path))   # ASCII digits only: a folder named ² is no version
+        if newest is not None:
+            candidates.append(os.path.join(path, newest, features.METADATA_DIR, features.CLASSES_FILE))
     for candidate in candidates:
         if os.path.isfile(candidate):
             with open(candidate, encoding="utf-8") as f:

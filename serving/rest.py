@@ -138,6 +138,12 @@ def handle(manager: ModelManager, method: str, target: str, body: bytes) -> Tupl
         return 500, {"error": f"internal error: {type(e).__name__}: {e}"}
 
 
+def _answer(manager: ModelManager, method: str, target: str, body: bytes) -> Tuple[int, bytes]:
+    """``handle`` with the JSON encoded too, in the worker (a big answer must not stall the loop)."""
+    status, payload = handle(manager, method, target, body)
+    return status, json.dumps(payload).encode("utf-8")
+
+
 class _Refused(Exception):
     """A request the connection layer answers itself; the connection closes after it."""
 
@@ -329,10 +335,9 @@ class RestServer:
                 body = await self._read_body(conn, request, deadline)
             except asyncio.IncompleteReadError:   # the client may have shut down its side only: answer
                 raise _Refused(400, "the request body ends before the length it announced") from None
-            status, payload = await asyncio.get_running_loop().run_in_executor(
-                self._pool, handle, self.manager, request.method, request.target, body)
+            status, data = await asyncio.get_running_loop().run_in_executor(
+                self._pool, _answer, self.manager, request.method, request.target, body)
             del body
-            data = json.dumps(payload).encode("utf-8")
         keep = request.keep_alive
         await self._write(conn, status, data, keep, http10=request.version == "HTTP/1.0")
         return keep

@@ -37,9 +37,12 @@ def _tflite_dirs(path: str) -> List[str]:
     """Folders that may hold the models, most specific first."""
     dirs = [path, os.path.join(path, features.METADATA_DIR, features.TFLITE_DIR),
             os.path.join(path, features.TFLITE_DIR)]
-    versions = [d for d in os.listdir(path) if d.isdigit() and os.path.isdir(os.path.join(path, d))]
-    if versions:
-        newest = os.path.join(path, max(versions, key=int))
+    from visiontune.components.model_versions import latest_version
+
+    # ASCII digits only, as the servers count versions: a folder named ² is no version.
+    version = latest_version(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    if version is not None:
+        newest = os.path.join(path, version)
         dirs.append(os.path.join(newest, features.METADATA_DIR, features.TFLITE_DIR))
     return dirs
 

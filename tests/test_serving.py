@@ -585,5 +585,6 @@ def test_top_k_names_classes_from_a_list_or_from_the_answer(tmp_path):
     version = tmp_path / "model" / "12" / "assets.extra"
     version.mkdir(parents=True)
     (version / "classes.txt").write_text("a\nb\nc\n")
+    (tmp_path / "model" / "\u00b2").mkdir()   # not a version: no crash, not "newer"
     assert load_class_names(str(tmp_path / "model")) == ["a", "b", "c"]
     assert load_class_names(str(tmp_path / "model" / "12")) == ["a", "b", "c"]
