@@ -84,6 +84,9 @@ CASES = [
     ("bad_regex", "", ["data.split_group_regex=^(\\d+"], "data.split_group_regex",
      "not a valid regular expression", None),
     ("broken_yaml", "training:\n  batch_size: [16\n", [], "", "not valid YAML", "config.yaml:"),
+    # --set of another key of the same section does not take the file's line away
+    ("file_error_beside_a_set_key", "training:\n  batch_size: 3.9\n", ["training.optimizer=sgd"],
+     "training.batch_size", "got 3.9, expected an integer >= 1", "config.yaml:8"),
 ]
 
 

@@ -41,6 +41,7 @@ def _one_line(result: subprocess.CompletedProcess, command: str, status: int = 2
     assert len(lines) == 1, result.stderr[-3000:]
     assert lines[0].startswith(f"visiontune {command}: "), lines[0]
     assert ".tmp-" not in lines[0] and ".old-" not in lines[0], lines[0]
+    assert len(lines[0]) < 1000, lines[0][:3000]
     return lines[0]
 
 
@@ -94,6 +95,12 @@ CASES = [
     ("config_not_utf8", lambda t: [
         "prepare", "--config", _write(t / "config.yaml", b"data:\n  source: caf\xe9\n"), "--output", t / "out"],
      "config.yaml:2: cannot read config: not UTF-8 text (byte 0xe9); save it as UTF-8"),
+    ("config_alias_bomb", lambda t: ["prepare", "--output", t / "out", "--config", _write(t / "config.yaml", (
+        "data:\n  classes: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+        + "".join(f"  {key}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for key, a, b in (
+            ("prepared_dir", "a", "b"), ("csv_delimiter", "b", "c"), ("filename_column", "c", "d"),
+            ("label_column", "d", "e"), ("test_source", "e", "f"), ("source", "f", "g")))).encode())],
+     "config.yaml:4: data.csv_delimiter: got [[[...], [...], [...], [...], [...], [...], ...], "),
     ("config_is_a_folder", lambda t: ["prepare", "--config", t, "--output", t / "out"],
      "cannot read config: Is a directory"),
     ("set_without_a_key", lambda t: ["prepare", "--source", _images(t), "--output", t / "out", "--set", "=5"],

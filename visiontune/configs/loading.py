@@ -238,11 +238,15 @@ def _parse_value(text: str, key: str = "") -> Any:
 
 
 def _dotted_keys(raw: Any, prefix: str = "") -> Set[str]:
+    """The dotted keys of the values in ``raw``: its leaves, not the sections holding them
+    (``--output`` sets ``data.prepared_dir``, not the rest of ``data``)."""
     keys: Set[str] = set()
     if isinstance(raw, dict):
         for k, v in raw.items():
-            keys.add(f"{prefix}{k}")
-            keys |= _dotted_keys(v, f"{prefix}{k}.")
+            if isinstance(v, dict) and v:
+                keys |= _dotted_keys(v, f"{prefix}{k}.")
+            else:
+                keys.add(f"{prefix}{k}")
     return keys
 
 

@@ -19,6 +19,7 @@ import dataclasses
 import math
 import os
 import re
+import reprlib
 import typing
 from typing import Any, Dict
 
@@ -51,12 +52,21 @@ def setting_error(key: str, message: str, *related: str) -> ConfigError:
 
 
 def show(value: Any) -> str:
-    """A value as the user wrote it: ``true``, ``3.9``, ``'adagrad'``."""
+    """A value as the user wrote it: ``true``, ``3.9``, ``'adagrad'``; a long one shortened.
+
+    A message is one line: long strings, lists and mappings (a YAML alias
+    bomb's are exponential) end in ``...``.
+    """
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:
         return "nothing (null)"
-    return repr(value)
+    return _SHORT.repr(value)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlevel = 120, 120, 2
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 6
 
 
 def _number(x: float) -> str:
