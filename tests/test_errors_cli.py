@@ -397,3 +397,36 @@ def test_transform_names_a_missing_image_feature():
     with pytest.raises(UserError, match=r"^Transform: the examples have no 'image' feature \(they have none\): "
                                         "a split without examples"):
         transform.preprocessing_fn({}, {"image_size": 32, "classes": ["a", "b"]})
+
+
+def test_library_errors_wait_for_the_outcome():
+    """Beam logs a worker's failure (with its traceback) before raising it: shown only if we do not say it."""
+    import io
+    import logging
+    import threading
+
+    from visiontune import cli
+
+    for said in (True, False):
+        held = cli._HeldErrors()
+        held.handler = logging.StreamHandler(io.StringIO())
+        held.handler.setFormatter(cli._QuietFormatter("%(levelname)s %(name)s: %(message)s"))
+        ours = logging.LogRecord("visiontune.progress", logging.INFO, __file__, 1, "[1/9] Trainer ...", None, None)
+        beams = logging.LogRecord("apache_beam.runners.common", logging.ERROR, __file__, 1, "OSError: [Errno 28]",
+                                  None, None)
+        assert held.filter(ours) and not held.filter(beams)
+        thread = threading.Thread(target=lambda: 1 / 0, name="beam_control_read")
+        hook, threading.excepthook = threading.excepthook, held.thread_failed
+        try:
+            thread.start()
+            thread.join()
+        finally:
+            threading.excepthook = hook
+        held.release(show=not said)
+        shown = held.handler.stream.getvalue()
+        if said:  # our one line says it: their records go
+            assert shown == ""
+        else:  # success, or a bug's traceback: shown as they would have been
+            assert "ERROR apache_beam.runners.common: OSError: [Errno 28]" in shown
+            assert "Exception in thread beam_control_read:" in shown and "ZeroDivisionError" in shown
+        assert held.held == []
