@@ -9,6 +9,7 @@ are a few pixels wide: these tests run on shared 2-core machines.
 from __future__ import annotations
 
 import os
+import re
 import resource
 import shutil
 import signal
@@ -271,6 +272,23 @@ def test_a_full_disk_is_one_line_and_the_previous_dataset_stays(tmp_path, disk):
     assert line.endswith(f"; {out} is left as it was"), line
     assert after == before  # the previous dataset, untouched
     assert [n for n in listing if n.startswith(".")] == []  # no temporary folder left behind
+
+
+@pytest.mark.skipif(not NAMESPACES, reason="needs unshare -rm to mount a tmpfs")
+@pytest.mark.parametrize("size", ["64k", "400k"])  # full as ML Metadata's database grows / as examples are written
+def test_a_full_disk_during_run_is_one_error_line(tmp_path, size):
+    big, mnt = _big_images(tmp_path), tmp_path / "mnt"
+    mnt.mkdir()
+    run = VISIONTUNE + ["run", "--source", big, "--output-dir", str(mnt / "run"), "--serving-dir",
+                        str(mnt / "serving"), "--set", "data.workers=1", "--weights", "none", "--image-size", "32"]
+    result = _in_namespace(f"mount -t tmpfs -o size={size} tmpfs {mnt} || exit 99\n{' '.join(run)}", tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    # Besides the progress lines ("[1/9] ImageExampleGen FAILED after ...: RuntimeError: ..."): one line.
+    errors = [line for line in result.stderr.splitlines() if not re.match(r"\[\d+/\d+\] |running pipeline ", line)]
+    assert errors == [f"visiontune run: error: {mnt / 'run'}: cannot write: No space left on device; free some "
+                      "space, or choose a folder on another disk"], result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1] == errors[0]
 
 
 # ----------------------------------------------------------------------------- Ctrl-C

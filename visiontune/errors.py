@@ -76,6 +76,8 @@ def find_disk_error(error: BaseException) -> Optional[Tuple[int, str]]:
         for match in _ERRNO_TEXT.finditer(text):
             if int(match.group(1)) in DISK_ERRNOS:
                 return int(match.group(1)), match.group(2) or ""
+        if "database or disk is full" in text:  # SQLite's SQLITE_FULL: ML Metadata's database
+            return errno.ENOSPC, ""
         for code in DISK_ERRNOS:  # TensorFlow's file system: "PATH; No space left on device"
             match = re.search(r"(?:(\S+); )?" + re.escape(os.strerror(code)), text)
             if match:
