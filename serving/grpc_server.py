@@ -130,7 +130,7 @@ class GrpcServer:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="grpc"),
             maximum_concurrent_rpcs=8 * limits.workers,
-            options=[("grpc.max_receive_message_length", limits.max_body_bytes),
+            options=[("grpc.max_receive_message_length", min(limits.max_body_bytes, (1 << 31) - 1)),  # an int32
                      ("grpc.max_send_message_length", -1),
                      ("grpc.max_connection_idle_ms", int(limits.idle_timeout * 1000)),
                      ("grpc.so_reuseport", 0)])
