@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from typing import Iterator
 
 from visiontune.cli import options
 from visiontune.errors import Interrupted, UserError, was_interrupted
@@ -29,10 +31,19 @@ def cmd_run(args) -> int:
     args.output_folders = [config.pipeline.output_dir, config.pipeline.serving_dir, config.data.prepared_dir]
     from visiontune.pipeline import local_runner
 
-    kept = Interrupted(f"the components that finished are kept in {config.pipeline.output_dir}: the same "
-                       "command again reuses them (cached)")
-    try:
+    with stopped_run(config.pipeline.output_dir):
         summary = local_runner.run(config, force_prepare=args.prepare)
+    print_summary(summary, args.json)
+    return 0 if summary.pushed or not args.fail_if_not_pushed else 3
+
+
+@contextlib.contextmanager
+def stopped_run(output_dir: str) -> Iterator[None]:
+    """Ctrl-C in a pipeline run says what it left: ML Metadata keeps every finished component."""
+    kept = Interrupted(f"the components that finished are kept in {output_dir}: the same command again "
+                       "reuses them (cached)")
+    try:
+        yield
     except Interrupted:
         raise  # ingest said what it left
     except KeyboardInterrupt:
@@ -41,8 +52,6 @@ def cmd_run(args) -> int:
         if was_interrupted(e):  # in Beam's wrapper (ImageExampleGen, Transform)
             raise kept from None
         raise
-    print_summary(summary, args.json)
-    return 0 if summary.pushed or not args.fail_if_not_pushed else 3
 
 
 def check_run_folders(config) -> None:
@@ -72,7 +81,8 @@ def cmd_demo(args) -> int:
     args.output_folders = [args.output_dir]
     from visiontune.pipeline import demo
 
-    summary = demo.run_demo(args.output_dir, overrides=args.overrides)
+    with stopped_run(args.output_dir):
+        summary = demo.run_demo(args.output_dir, overrides=args.overrides)
     print_summary(summary, args.json)
     return 0
 
