@@ -116,12 +116,17 @@ class _HeldErrors(logging.Filter):
 _held_errors = _HeldErrors()
 
 
-def _configure_output(verbose: bool) -> None:
+# Long-running: a library's error must show when it happens, not when the server stops.
+_NOT_HELD = ("serve",)
+
+
+def _configure_output(verbose: bool, hold: bool = True) -> None:
     """What a command prints besides its own output.
 
     By default: our ``visiontune.*`` loggers at INFO (the per-component
-    progress lines, the report path, warnings), any error, Keras's epoch lines
-    (stdout) and the command's result; not the libraries' INFO and WARNING
+    progress lines, the report path, warnings), any error (the libraries' ones
+    held until the command ends unless ``hold`` is off: ``_HeldErrors``),
+    Keras's epoch lines (stdout) and the command's result; not the libraries' INFO and WARNING
     logs, TensorFlow's C++ start-up lines or FutureWarnings.  ``--verbose``
     shows all of these.  This runs before anything imports TensorFlow, so the
     environment variables reach it, and child processes (Beam workers) inherit them.
@@ -145,9 +150,10 @@ def _configure_output(verbose: bool) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(_QuietFormatter("%(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_quiet_filter)
-    handler.addFilter(_held_errors)
-    _held_errors.handler = handler
-    threading.excepthook = _held_errors.thread_failed
+    if hold:
+        handler.addFilter(_held_errors)
+        _held_errors.handler = handler
+        threading.excepthook = _held_errors.thread_failed
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("visiontune").setLevel(logging.INFO)
     # absl routes TFX's per-component chatter (and its warnings) through here.
@@ -162,7 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # The command line is ours alone: TFX's Beam executors parse sys.argv as
         # absl flags, where "-v ARG" means --verbosity=ARG (and fails on "-v --set").
         del sys.argv[1:]
-    _configure_output(args.verbose)
+    _configure_output(args.verbose, hold=args.command not in _NOT_HELD)
     said = False  # the outcome is one line of ours: the libraries' error records go
     try:
         with interrupts.delivered():
