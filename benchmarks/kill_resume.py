@@ -37,6 +37,26 @@ RESUME_LINE = re.compile(r"resuming training at epoch (\d+)/(\d+)")
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
+def _freeze_code(dest: str) -> None:
+    """Runs the demos on a copy of the code, laid out as the installed package.
+
+    The pipeline fingerprints its code (``code_version``): an edit in the working
+    tree between a kill and its rerun would re-run Transform and start a new
+    Trainer state, which is right for a user but not what this measures.
+    """
+    ignore = shutil.ignore_patterns("__pycache__")
+    package = os.path.join(dest, "visiontune")
+    shutil.copytree(os.path.join(common.REPO, "visiontune"), package, ignore=ignore)
+    for sub in ("components", "pipeline", "serving"):
+        shutil.copytree(os.path.join(common.REPO, sub), os.path.join(package, sub), ignore=ignore)
+    # The editable install's finder maps visiontune.* to the working tree ahead of
+    # PYTHONPATH; the copy's sitecustomize (run at start-up) takes it out.
+    with open(os.path.join(dest, "sitecustomize.py"), "w") as f:
+        f.write("import sys\n"
+                "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n")
+    ENV["PYTHONPATH"] = dest + os.pathsep + ENV.get("PYTHONPATH", "")
+
+
 def _demo(output_dir: str) -> subprocess.Popen:
     return subprocess.Popen([VISIONTUNE, "demo", "--output-dir", output_dir, "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
@@ -106,6 +126,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     shutil.rmtree(args.work_dir, ignore_errors=True)
     os.makedirs(args.work_dir)
+    _freeze_code(os.path.join(args.work_dir, "code"))
 
     ref_dir = os.path.join(args.work_dir, "uninterrupted")
     ref = _finish(_demo(ref_dir), os.path.join(args.work_dir, "uninterrupted.log"))

@@ -93,9 +93,11 @@ def test_a_killed_trainer_resumes_at_the_next_epoch_and_ends_as_an_uninterrupted
     # order: the resumed epochs are the uninterrupted run's, to float rounding.
     for row, ref in zip(history, history_ref):
         for key in _COMPARED:
-            assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (row["epoch"], key)
+            assert row[key] == pytest.approx(ref[key], rel=1e-3, abs=1e-6), (row["epoch"], key)
+    # (Multi-threaded CPU kernels sum in varying order: ~1e-5 apart after a few steps.
+    # A state not restored puts them ~1e-2 apart.)
     for w, ref in zip(model.get_weights(), model_ref.get_weights()):
-        np.testing.assert_allclose(w, ref, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(w, ref, rtol=1e-3, atol=1e-4)
     # Keras' progress line counts the steps that ran after the resume (it said 2x before).
     _, transformed_dir, _, _ = shapes_transformed
     examples = sum(1 for _ in tf.data.TFRecordDataset(
@@ -167,14 +169,14 @@ def test_a_kill_during_a_write_leaves_the_previous_state(tmp_path):
     writer = training_state.StateWriter(str(tmp_path))
     writer.write(model, phase="warmup", phase_done=False, epochs_done=1, history=[{"epoch": 1}])
     # What a kill between the two writes leaves: the next arrays half written, state.json.tmp too.
-    (tmp_path / "state-000002.npz").write_bytes(b"PK\x03\x04 half")
+    (tmp_path / "state-000002.bin").write_bytes(b"PK\x03\x04 half")
     (tmp_path / "state.json.tmp").write_text('{"format": 1, "pha')
     assert training_state.load(str(tmp_path)).epochs_done == 1
     # The next attempt numbers its files past the debris and clears it on its first write.
     writer = training_state.StateWriter(str(tmp_path))
     writer.write(model, phase="warmup", phase_done=False, epochs_done=2, history=[{"epoch": 1}, {"epoch": 2}])
     assert training_state.load(str(tmp_path)).epochs_done == 2
-    assert sorted(os.listdir(tmp_path)) == ["state-000003.npz", "state.json"]
+    assert sorted(os.listdir(tmp_path)) == ["state-000003.bin", "state.json"]
 
 
 def test_a_state_of_another_model_is_not_restored(tmp_path):
@@ -194,7 +196,7 @@ def test_a_damaged_state_starts_training_over_with_a_warning(tmp_path, caplog, d
     if damage == "truncated":
         meta.write_text(meta.read_text()[:20])
     elif damage == "arrays missing":
-        os.remove(tmp_path / "state-000001.npz")
+        os.remove(tmp_path / "state-000001.bin")
     else:
         meta.write_text(meta.read_text().replace('"format": 1', '"format": 99'))
     assert training_state.load(str(tmp_path)) is None
