@@ -3,10 +3,10 @@
 Two phases, each a ``model.fit``: a head warm-up with the backbone frozen (so
 the randomly initialised head does not send large gradients into pretrained
 layers), then fine-tuning of the layers the config unfreezes at a lower
-learning rate.  Each phase has its own ``BackupAndRestore`` folder outside the
-execution's output, keyed by the inputs and settings, so a killed Trainer run
-again on the same inputs resumes at the last finished epoch instead of
-starting over.
+learning rate.  After every epoch the resume state (``training_state``) is
+written to a folder outside the execution's output, keyed by the inputs,
+settings and code, so a killed Trainer run again on the same inputs resumes
+at the next unfinished epoch and ends as the uninterrupted run would.
 
 The transformed TFRecords are read directly (``_decoded_records``), not
 through ``fn_args.data_accessor`` (tfxio).  Measured side by side
