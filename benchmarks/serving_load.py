@@ -31,13 +31,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import json
 import os
-import random
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,7 +42,8 @@ import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]
+from serving_latency import free_port, images  # noqa: E402  (the same test images and ports)
 
 MARKER = "<!-- serving_load rows -->"
 PUSH_AT, DELETE_AT = 1 / 6, 3 / 4   # of the run: after the first load period; once the new version serves
@@ -65,28 +63,6 @@ visible within two poll intervals.
 |---|---|---|---|---|---|---|---|---|---|---|
 {MARKER}
 """  # noqa: E501
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def images(size: int, n: int, seed: int = 0):
-    from PIL import Image, ImageDraw
-
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        image = Image.new("RGB", (size, size), tuple(rng.randrange(0, 256) for _ in range(3)))
-        draw = ImageDraw.Draw(image)
-        box = sorted(rng.randrange(size) for _ in range(2)), sorted(rng.randrange(size) for _ in range(2))
-        draw.ellipse([box[0][0], box[1][0], box[0][1], box[1][1]], fill=(250, 250, 250))
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
 
 
 def rss_mib(pid: int) -> float:
