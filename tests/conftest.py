@@ -20,6 +20,17 @@ GTSRB = os.path.join(SHARED, "datasets", "gtsrb")
 SHAPE_CLASSES = ["2", "10", "circle"]
 
 
+# Fixtures that need ../shared: a test using one is marked ``shared`` (``-m "not shared"`` leaves it out)
+# even where its module forgot the marker.
+SHARED_FIXTURES = {"gtsrb_slice", "first_run", "first_run_snapshot"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SHARED_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("shared"):
+            item.add_marker(pytest.mark.shared)
+
+
 def require_shared(path: str) -> str:
     if not os.path.exists(path):
         pytest.skip(f"needs {path} (../shared, or set VISIONTUNE_SHARED); see ../shared/README.md")
@@ -230,6 +241,7 @@ def gtsrb_settings(root, train, test_csv, **overrides):
         "training.fine_tune.backbone=train_last", "training.fine_tune.layers=20",
         "training.early_stopping_patience=0",
         "evaluation.split=test", "evaluation.min_accuracy=0.4", "evaluation.max_regression=0.5",
+        "export.tflite=[]",  # the TFLite export is tested on ``exported_model`` (test_tflite.py); not here
         f"pipeline.output_dir={root / 'run'}", f"pipeline.serving_dir={root / 'serving'}",
         "pipeline.model_name=signs", "pipeline.name=gtsrb-e2e",
     ]

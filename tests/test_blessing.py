@@ -27,7 +27,6 @@ from tests.conftest import folder_files, latest_states, run_argv
 from visiontune import cli, features
 from visiontune.pipeline import local_runner, report
 
-pytestmark = [pytest.mark.e2e, pytest.mark.shared]
 ACCURACY = "sparse_categorical_accuracy"
 NOT_PUSHED = 3  # ``run --fail-if-not-pushed``'s exit status
 
@@ -47,6 +46,8 @@ def _numbers(pattern, text):
     return [float(g) for g in match.groups()]
 
 
+@pytest.mark.e2e
+@pytest.mark.shared
 def test_a_model_below_the_accuracy_floor_is_refused_and_the_run_says_why(first_run, gtsrb_slice, capsys):
     config, first = first_run
     accuracy = first.metrics[ACCURACY]
@@ -74,6 +75,8 @@ def test_a_model_below_the_accuracy_floor_is_refused_and_the_run_says_why(first_
     assert "Blessed: <b>no</b>" in page and html.escape(summary["reasons"][0]) in page
 
 
+@pytest.mark.e2e
+@pytest.mark.shared
 def test_a_model_worse_than_the_last_blessed_one_is_refused(first_run, gtsrb_slice, capsys):
     config, first = first_run
     serving_before = folder_files(config.pipeline.serving_dir)
@@ -97,3 +100,36 @@ def test_a_model_worse_than_the_last_blessed_one_is_refused(first_run, gtsrb_sli
     numbers = _numbers(rf"{ACCURACY} (\S+) is (\S+) below the last blessed model's (\S+), "
                        r"more than evaluation\.max_regression 0\.05 allows", summary["reasons"][0])
     assert numbers == pytest.approx([candidate, baseline - candidate, baseline], abs=1e-4)
+
+
+def test_each_kind_of_failed_threshold_is_one_line_with_its_numbers():
+    """TFMA's failures as its validator writes them (see components/evaluation.py for the thresholds)."""
+    from tensorflow_model_analysis.proto import config_pb2, validation_result_pb2
+
+    from visiontune.pipeline import results
+
+    def failure(value=None, is_diff=False, **threshold):
+        f = validation_result_pb2.ValidationFailure()
+        f.metric_key.name = ACCURACY
+        f.metric_key.is_diff = is_diff
+        if value is not None:
+            f.metric_value.double_value.value = value
+        else:
+            f.message = "Metric not found."
+        if "lower" in threshold:
+            f.metric_threshold.value_threshold.CopyFrom(
+                config_pb2.GenericValueThreshold(lower_bound={"value": threshold["lower"]}))
+        if "change" in threshold:
+            f.metric_threshold.change_threshold.CopyFrom(config_pb2.GenericChangeThreshold(
+                direction=config_pb2.MetricDirection.HIGHER_IS_BETTER, absolute={"value": threshold["change"]}))
+        return f
+
+    assert results.failure_reason(failure(0.41, lower=0.5), {}) == \
+        f"{ACCURACY} 0.4100 is below evaluation.min_accuracy 0.5"
+    assert results.failure_reason(failure(-0.125, is_diff=True, change=-0.01), {ACCURACY: 0.875}) == \
+        f"{ACCURACY} 0.7500 is 0.1250 below the last blessed model's 0.8750, " \
+        "more than evaluation.max_regression 0.01 allows"
+    assert results.failure_reason(failure(-0.125, is_diff=True, change=-0.01), {}) == \
+        f"{ACCURACY} changed by -0.1250 against the last blessed model, more than evaluation.max_regression " \
+        "0.01 allows"
+    assert results.failure_reason(failure(None, lower=0.5), {}) == f"{ACCURACY}: Metric not found."

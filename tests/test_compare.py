@@ -177,19 +177,34 @@ def _settings(prepared_dir):
         "training.fine_tune.backbone=train_last", "training.fine_tune.layers=8",
         "training.early_stopping_patience=0", "training.reduce_lr_patience=0",
         "evaluation.top_k=2", "evaluation.min_accuracy=0.0",
+        "export.tflite=[]",  # TFLite models are not compared; their conversion is tested in test_tflite.py
         "pipeline.name=compare-test", "pipeline.model_name=shapes",
     ]
+
+
+def _compare_argv(prepared_dir, backbones, *args):
+    """``visiontune compare`` of ``backbones`` on the shapes with ``_settings``."""
+    _, settings = _settings(prepared_dir)
+    argv = ["compare", "--backbones", backbones, *args]
+    for s in settings:
+        argv += ["--set", s]
+    return argv
+
+
+def _backbones():
+    weights, _ = _settings("")
+    return f"mobilenet_v2:alpha=0.35:weights={weights},mobilenet:alpha=0.25"
+
+
+# Fails as its pipeline is built (no test split in the shapes), after the others ran.
+BROKEN = "mobilenet:alpha=0.25:label=broken:evaluation.split=test"
 
 
 @pytest.fixture(scope="module")
 def comparison(shapes_prepared, tmp_path_factory):
     """``visiontune compare`` (through the CLI, in process) of two backbones at 32 px: (out dir, data)."""
     out = str(tmp_path_factory.mktemp("compare"))
-    weights, settings = _settings(shapes_prepared.output_dir)
-    argv = ["compare", "--backbones", f"mobilenet_v2:alpha=0.35:weights={weights},mobilenet:alpha=0.25",
-            "--output-dir", out, "--latency-runs", "5"]
-    for s in settings:
-        argv += ["--set", s]
+    argv = _compare_argv(shapes_prepared.output_dir, _backbones(), "--output-dir", out, "--latency-runs", "5")
     with pytest.MonkeyPatch.context() as mp:
         _offline(mp)
         assert cli.main(argv) == 0
@@ -305,3 +320,49 @@ def test_fallback_to_no_weights_is_flagged_and_files_are_written(comparison):
     assert [r[0] for r in per_class] == SHAPE_CLASSES
     assert '<img src="data:image/png;base64,' in page  # accuracy vs latency, embedded
     assert len(tables(page)) == 4
+
+
+@pytest.mark.e2e
+def test_a_rerun_skips_trained_backbones_and_one_failed_backbone_exits_3(comparison, shapes_prepared,
+                                                                        monkeypatch, capsys):
+    """Last in this module: it rewrites the comparison's files."""
+    out, before = comparison
+    _offline(monkeypatch)
+    capsys.readouterr()
+    code = cli.main(_compare_argv(shapes_prepared.output_dir, _backbones() + "," + BROKEN,
+                                  "--output-dir", out, "--latency-runs", "0"))
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "failed: broken (see the table)" in err
+    data = json.load(open(os.path.join(out, compare.JSON_FILE), encoding="utf-8"))
+    *again, broken = data["rows"]
+    # The backbones trained before are not trained again: their Trainer is a cache hit
+    # that names the same model, with the same figures.
+    for row, old in zip(again, before["rows"]):
+        assert row["label"] == old["label"] and "error" not in row, row.get("error")
+        states = {c["component"]: c["state"] for c in row["components"]}
+        assert states["Trainer"] == "CACHED" and states["Transform"] == "CACHED", states
+        assert row["model_dir"] == old["model_dir"] and row["train_seconds"] == old["train_seconds"]
+        assert row["accuracy"] == old["accuracy"] and row["confusion_matrix"] == old["confusion_matrix"]
+    # The failed backbone has its row, saying why, in every file.
+    assert broken["label"] == "broken" and "evaluation.split" in broken["error"]
+    md = open(os.path.join(out, compare.MARKDOWN_FILE), encoding="utf-8").read()
+    assert "failed: ConfigError: evaluation.split" in md
+
+
+def test_without_output_dir_the_comparison_goes_beside_the_runs_folder(shapes_prepared, tmp_path, monkeypatch,
+                                                                        capsys):
+    """A comparison of one backbone that fails as its pipeline is built: cheap, and exit status 3."""
+    _offline(monkeypatch)
+    runs = tmp_path / "runs"
+    argv = _compare_argv(shapes_prepared.output_dir, BROKEN, "--latency-runs", "0",
+                         "--set", f"pipeline.output_dir={runs / 'run'}")
+    assert cli.main(argv) == 3
+    printed = capsys.readouterr().out
+    folder = runs / "compare"
+    for name in (compare.HTML_FILE, compare.JSON_FILE, compare.MARKDOWN_FILE):
+        assert (folder / name).is_file() and str(folder / name) in printed
+    data = json.load(open(folder / compare.JSON_FILE, encoding="utf-8"))
+    assert data["output_dir"] == str(folder) and data["pipeline_dir"] == str(folder / compare.PIPELINE_DIR)
+    assert [r["label"] for r in data["rows"]] == ["broken"] and data["rows"][0]["error"]
+    assert not (runs / "run").exists()  # the config's own run folder is not the comparison's

@@ -22,6 +22,7 @@ def pretrained():
     return _model(weights=require_shared(MOBILENET_V2_035), size=64)
 
 
+@pytest.mark.shared
 def test_frozen_trains_only_the_head(pretrained):
     model_lib.apply_fine_tune_policy(pretrained, "frozen")
     assert _trainable_backbone_layers(pretrained) == []
@@ -29,6 +30,7 @@ def test_frozen_trains_only_the_head(pretrained):
     assert names == {"head_dense_0", "probabilities"}
 
 
+@pytest.mark.shared
 def test_train_last_n_counts_backbone_layers_and_keeps_batchnorm_frozen(pretrained):
     base = model_lib.get_backbone_model(pretrained)
     trained = model_lib.apply_fine_tune_policy(pretrained, "train_last", 8)
@@ -40,6 +42,7 @@ def test_train_last_n_counts_backbone_layers_and_keeps_batchnorm_frozen(pretrain
     assert all(not layer.trainable for layer in base.layers if model_lib.is_batch_norm(layer))
 
 
+@pytest.mark.shared
 def test_freeze_first_n_and_all(pretrained):
     base = model_lib.get_backbone_model(pretrained)
     trained = model_lib.apply_fine_tune_policy(pretrained, "freeze_first", 100)
@@ -50,6 +53,7 @@ def test_freeze_first_n_and_all(pretrained):
     assert all(not model_lib.is_batch_norm(base.get_layer(n)) for n in trained_all)
 
 
+@pytest.mark.shared
 def test_pretrained_batchnorm_runs_in_inference_mode(pretrained):
     """Even with every layer unfrozen, a training step must not move BN statistics."""
     import numpy as np
@@ -81,6 +85,7 @@ def _kernel_in_file(path, layer):
         return group[name][()]
 
 
+@pytest.mark.shared
 def test_imagenet_weights_load_from_a_path_at_any_size():
     import numpy as np
 
