@@ -81,7 +81,8 @@ def check_output_folder(key: str, path: str) -> None:
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise ConfigError(f"{key}: {path}: cannot be a folder: {existing} is a file")
+        what = "a file" if os.path.isfile(existing) else "not a folder"
+        raise ConfigError(f"{key}: {path}: cannot be a folder: {existing} is {what}")
     if not os.access(existing, os.W_OK | os.X_OK):
         read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
         why = "is on a read-only file system" if read_only else "is not writable by this user"
