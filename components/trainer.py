@@ -303,7 +303,10 @@ def fit_phases(model: tf_keras.Model, config: configs.Config, train_ds, eval_ds,
             if not steps:
                 # The epochs that ran (early stops included) and the phases before this one.
                 _skip_shuffles(train_ds, len(history), len(done_phases))
-            print(f"resuming training at epoch {initial + 1}/{epoch} (phase {name})", flush=True)
+            if initial < epoch:
+                print(f"resuming training at epoch {initial + 1}/{epoch} (phase {name})", flush=True)
+            else:  # killed as the phase ended: only its end (EarlyStopping's best weights) is left
+                print(f"resuming training at the end of phase {name} (epoch {epoch})", flush=True)
             resume = None
         counts = model_lib.count_params(model)
         log.info("phase %s: %d epochs, lr %g, backbone %s (%d layers train), params %s",

@@ -30,6 +30,13 @@ class _KillAt(tf_keras.callbacks.Callback):
             raise KeyboardInterrupt("killed")
 
 
+class _KillAtTrainEnd(tf_keras.callbacks.Callback):
+    """Killed as the first phase ends: its last epoch is written, the phase not yet marked done."""
+
+    def on_train_end(self, logs=None):
+        raise KeyboardInterrupt("killed")
+
+
 class _Epochs(tf_keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
@@ -73,14 +80,16 @@ def uninterrupted(shapes_transformed, tmp_path_factory):
 _COMPARED = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 
 
-@pytest.mark.parametrize("kill_epoch", [1, 3])  # as fine-tuning starts; in the middle of it
+# As warm-up ends (before the phase is marked done), in the middle of fine-tuning.
+@pytest.mark.parametrize("kill_epoch", [1, 3])
 def test_a_killed_trainer_resumes_at_the_next_epoch_and_ends_as_an_uninterrupted_run(
         shapes_transformed, uninterrupted, tmp_path, capsys, kill_epoch):
     model_ref, history_ref = uninterrupted
     state, logs = str(tmp_path / "state"), str(tmp_path / "logs")
     with pytest.raises(KeyboardInterrupt):
-        _fit(shapes_transformed, state, logs, [_KillAt(kill_epoch)])
+        _fit(shapes_transformed, state, logs, [_KillAtTrainEnd() if kill_epoch == 1 else _KillAt(kill_epoch)])
     assert training_state.finished_epochs(state) == kill_epoch
+    assert not training_state.load(state).phase_done
     capsys.readouterr()
 
     seen = _Epochs()
