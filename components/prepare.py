@@ -147,7 +147,10 @@ def prepare_dataset(data: "DataConfig", output_dir: Optional[str] = None,
     output_dir = output_dir or data.prepared_dir
     if not output_dir:
         raise PrepareError("no output folder: set data.prepared_dir or pass output_dir")
-    plan = plan_ingest(data, segmentation)
+    try:
+        plan = plan_ingest(data, segmentation)  # listing: nothing is written yet
+    except KeyboardInterrupt:
+        raise Interrupted(f"{output_dir} is left as it was (stopped while listing the images)") from None
     items, rejects, classes, task = plan.items, plan.rejects, plan.classes, plan.task
     hidden = plan.hidden
     _check_output_dir(output_dir, data)
