@@ -426,22 +426,20 @@ def test_library_errors_wait_for_the_outcome():
     from visiontune import cli
 
     for said in (True, False):
-        held = cli._HeldErrors()
-        held.handler = logging.StreamHandler(io.StringIO())
-        held.handler.setFormatter(cli._QuietFormatter("%(levelname)s %(name)s: %(message)s"))
+        held, hook = cli._HeldErrors(), threading.excepthook
+        handler = logging.StreamHandler(io.StringIO())
+        handler.setFormatter(cli._QuietFormatter("%(levelname)s %(name)s: %(message)s"))
+        held.hold(handler)
         ours = logging.LogRecord("visiontune.progress", logging.INFO, __file__, 1, "[1/9] Trainer ...", None, None)
         beams = logging.LogRecord("apache_beam.runners.common", logging.ERROR, __file__, 1, "OSError: [Errno 28]",
                                   None, None)
         assert held.filter(ours) and not held.filter(beams)
         thread = threading.Thread(target=lambda: 1 / 0, name="beam_control_read")
-        hook, threading.excepthook = threading.excepthook, held.thread_failed
-        try:
-            thread.start()
-            thread.join()
-        finally:
-            threading.excepthook = hook
+        thread.start()
+        thread.join()
         held.release(show=not said)
-        shown = held.handler.stream.getvalue()
+        assert threading.excepthook is hook  # put back
+        shown = handler.stream.getvalue()
         if said:  # our one line says it: their records go
             assert shown == ""
         else:  # success, or a bug's traceback: shown as they would have been

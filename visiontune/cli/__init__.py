@@ -91,6 +91,13 @@ class _HeldErrors(logging.Filter):
         super().__init__()
         self.held: list = []
         self.handler: Optional[logging.Handler] = None
+        self._hook = None  # threading.excepthook before ``hold``
+
+    def hold(self, handler: logging.Handler) -> None:
+        """Holds what reaches ``handler`` and the threads' exceptions, until ``release``."""
+        handler.addFilter(self)
+        self.handler = handler
+        self._hook, threading.excepthook = threading.excepthook, self.thread_failed
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "visiontune" or record.name.startswith("visiontune."):
@@ -105,6 +112,8 @@ class _HeldErrors(logging.Filter):
         self.held.append(f"Exception in thread {name}:\n{text}".rstrip("\n"))
 
     def release(self, show: bool) -> None:
+        if self._hook is not None:
+            threading.excepthook, self._hook = self._hook, None
         held, self.held = self.held, []
         if show and self.handler is not None:
             for record in held:
@@ -151,9 +160,7 @@ def _configure_output(verbose: bool, hold: bool = True) -> None:
     handler.setFormatter(_QuietFormatter("%(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_quiet_filter)
     if hold:
-        handler.addFilter(_held_errors)
-        _held_errors.handler = handler
-        threading.excepthook = _held_errors.thread_failed
+        _held_errors.hold(handler)
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("visiontune").setLevel(logging.INFO)
     # absl routes TFX's per-component chatter (and its warnings) through here.
