@@ -114,6 +114,8 @@ class _HeldErrors(logging.Filter):
     def release(self, show: bool) -> None:
         if self._hook is not None:
             threading.excepthook, self._hook = self._hook, None
+        if self.handler is not None:
+            self.handler.removeFilter(self)
         held, self.held = self.held, []
         if show and self.handler is not None:
             for record in held:
