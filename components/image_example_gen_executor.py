@@ -38,11 +38,11 @@ REPORT_KEY = "report"
 class Executor(base_beam_executor.BaseBeamExecutor):
     """Lists, then encodes and writes on Beam; then checks and records what was written."""
 
-    def _in_process_when_local(self) -> None:
-        """On the DirectRunner, this run's Beam pipeline in memory with one worker (later options win)."""
+    def _workers_when_local(self, workers: int) -> None:
+        """On the DirectRunner, this run's Beam pipeline with ``workers`` (1: in memory; later options win)."""
         runner = next((a.split("=", 1)[1] for a in self._beam_pipeline_args if a.startswith("--runner=")), "")
         if runner in ("", "DirectRunner", "direct"):
-            self._beam_pipeline_args = list(self._beam_pipeline_args) + ingest_beam.direct_runner_args(1)
+            self._beam_pipeline_args = list(self._beam_pipeline_args) + ingest_beam.direct_runner_args(workers)
 
     def Do(self, input_dict: Dict[str, List[Any]], output_dict: Dict[str, List[Any]],
            exec_properties: Dict[str, Any]) -> None:
@@ -62,8 +62,9 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         tasks = ingest_beam.shard_tasks(plan.items, plan.splits, data.num_shards, shard_path)
         for uri in split_uri.values():
             FileSystems.mkdirs(uri)
-        if ingest_beam.ingest_workers(data.workers, len(plan.items)) == 1 and not data.workers:
-            self._in_process_when_local()
+        # The pipeline's options hold the most workers the settings allow; the
+        # count of images and shards, known only now, can narrow it.
+        self._workers_when_local(ingest_beam.ingest_workers(data.workers, len(plan.items), len(tasks)))
         outcome_path = os.path.join(self._get_tmp_dir(), "ingest_outcome.json")
         manifest_dir = os.path.join(self._get_tmp_dir(), "shards")
         shards = ingest_beam.write_manifests(tasks, manifest_dir)

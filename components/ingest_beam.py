@@ -69,11 +69,14 @@ def direct_runner_args(workers: int) -> List[str]:
     return ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}", _NO_TFX_SDIST]
 
 
-def ingest_workers(workers: int, images: int) -> int:
-    """The worker count for ``data.workers`` (0: all cores, from ``AUTO_PARALLEL_MIN_IMAGES`` images on)."""
-    if workers:
-        return workers
-    return (os.cpu_count() or 1) if images >= AUTO_PARALLEL_MIN_IMAGES else 1
+def ingest_workers(workers: int, images: int, shards: Optional[int] = None) -> int:
+    """The worker count for ``data.workers`` (0: all cores, from ``AUTO_PARALLEL_MIN_IMAGES`` images on).
+
+    Never more than ``shards``: a shard is one worker's work, so more workers
+    would only start (one after another, seconds each) and wait.
+    """
+    count = workers or ((os.cpu_count() or 1) if images >= AUTO_PARALLEL_MIN_IMAGES else 1)
+    return max(1, min(count, shards)) if shards else count
 
 
 def shard_index(relpath: str, num_shards: int) -> int:
@@ -163,6 +166,16 @@ class WriteShard(beam.DoFn):
         self._compression = CompressionTypes.GZIP if gzip else CompressionTypes.UNCOMPRESSED
         self._written = beam.metrics.Metrics.counter("visiontune.ingest", "images_written")
         self._rejected = beam.metrics.Metrics.counter("visiontune.ingest", "images_rejected")
+        self._driver_pid = os.getpid()
+
+    def setup(self) -> None:
+        # A terminal's Ctrl-C reaches the DirectRunner's worker processes too
+        # (one process group), which printed their own KeyboardInterrupt
+        # tracebacks above visiontune's one line.  The command that started
+        # them handles it and stops them; a worker ignores it.  Only in a
+        # worker process: in process (one worker) this is the command itself.
+        if os.getpid() != self._driver_pid:
+            _ignore_sigint()
 
     def process(self, shard: ShardManifest) -> Iterator[Any]:
         incomplete = shard.path + ".incomplete"
@@ -185,6 +198,22 @@ class WriteShard(beam.DoFn):
         yield beam.pvalue.TaggedOutput(_TOTALS, (shard.split, written))
         for name, n in labels_seen.items():
             yield (shard.split, name), n
+
+
+def _ignore_sigint() -> None:
+    """SIGINT ignored by this process, from any thread (``signal.signal`` works in the main thread only)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).signal(int(signal.SIGINT), ctypes.c_void_p(1))  # SIG_IGN
+    except (OSError, AttributeError):  # pragma: no cover - no C library signal(): keep the default
+        pass
 
 
 def _write_outcome(_, path: str, counts, totals, rejects, manifests: str) -> None:

@@ -202,7 +202,7 @@ def _write_shards(out_dir: str, plan: IngestPlan, data: "DataConfig",
     tasks = ingest_beam.shard_tasks(plan.items, plan.splits, data.num_shards, shard_path)
     outcome = os.path.join(out_dir, OUTCOME_FILE)
     class_values = [list(v) for v in segmentation.class_values] if segmentation is not None else None
-    workers = ingest_beam.ingest_workers(data.workers, len(plan.items))
+    workers = ingest_beam.ingest_workers(data.workers, len(plan.items), len(tasks))
     if progress:
         print(f"prepare: {len(plan.items)} images into {len(tasks)} shards, {workers} Beam worker(s)",
               file=sys.stderr, flush=True)

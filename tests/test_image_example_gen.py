@@ -209,17 +209,26 @@ def test_small_datasets_are_ingested_in_process_on_the_direct_runner_only(runner
     """``data.workers: 0`` below ``AUTO_PARALLEL_MIN_IMAGES``: Beam's worker start-up would cost more than it saves."""
     from tfx.dsl.components.base import base_beam_executor
 
-    from visiontune.components import image_example_gen_executor
+    from visiontune.components import image_example_gen_executor, ingest_beam
 
     args = [a for a in [runner, *local_runner.beam_args(2)] if a]
     executor = image_example_gen_executor.Executor(base_beam_executor.BaseBeamExecutor.Context(
         beam_pipeline_args=list(args), tmp_dir="/tmp", unique_id="1"))
-    executor._in_process_when_local()
+    executor._workers_when_local(ingest_beam.ingest_workers(0, images=100, shards=8))
     from apache_beam.options.pipeline_options import PipelineOptions
 
     options = PipelineOptions(executor._beam_pipeline_args).get_all_options()  # as the pipeline parses them
     assert (options["direct_running_mode"], options["direct_num_workers"]) == \
         (("in_memory", 1) if in_process else ("multi_processing", 2))
+
+
+@pytest.mark.parametrize("workers,images,shards,expected", [
+    (0, 100, 8, 1), (0, 20_000, 8, min(8, os.cpu_count() or 1)), (3, 100, 8, 3), (100_000, 100, 8, 8),
+    (100_000, 100, 1, 1)])
+def test_worker_count_follows_the_setting_the_images_and_at_most_the_shards(workers, images, shards, expected):
+    from visiontune.components import ingest_beam
+
+    assert ingest_beam.ingest_workers(workers, images, shards) == expected
 
 
 def test_segmentation_pairs_on_another_filesystem_give_the_same_examples(tmp_path):
