@@ -188,12 +188,34 @@ def failure_reason(failure, baseline: Dict[str, float]) -> str:
     return f"{name} {value:.4f} failed {threshold}".replace("\n", " ")
 
 
+# What summarize_run reads: (component, output key, artifact type).
+RUN_OUTPUTS = (("Pusher", "pushed_model", "PushedModel"), ("Evaluator", "blessing", "ModelBlessing"),
+               ("Evaluator", "evaluation", "ModelEvaluation"), ("Trainer", "model", "Model"))
+
+
+def run_artifacts(store) -> List[Any]:
+    """The pushed model, blessing, evaluation and model of the newest pipeline run (None where it made none).
+
+    A cached component is linked to the artifacts it reused, so a cached re-run
+    names the model it reused, not the newest model trained (which may be a
+    refused one of a later run).  Metadata without run contexts: the newest of each type.
+    """
+    newest = run_metadata.newest_run(store)
+    if newest is None:
+        return [run_metadata.latest_artifact(store, kind) for _, _, kind in RUN_OUTPUTS]
+    produced = {c.component: run_metadata.outputs(store, c.execution.id)
+                for c in run_metadata.run_components(store, newest.id) if c.state in ("COMPLETE", "CACHED")}
+    found = []
+    for component, key, _ in RUN_OUTPUTS:
+        artifacts = produced.get(component, {}).get(key, [])
+        found.append(artifacts[0] if artifacts else None)
+    return found
+
+
 def summarize_run(metadata_path: str) -> RunSummary:
+    """What the newest run of the pipeline in ``metadata_path`` ended with."""
     store = run_metadata.open_store(metadata_path)
-    pushed = run_metadata.latest_artifact(store, "PushedModel")
-    blessing = run_metadata.latest_artifact(store, "ModelBlessing")
-    evaluation = run_metadata.latest_artifact(store, "ModelEvaluation")
-    model = run_metadata.latest_artifact(store, "Model")
+    pushed, blessing, evaluation, model = run_artifacts(store)
     summary = RunSummary(pushed=bool(pushed and run_metadata.prop(pushed, "pushed", 0)))
     if pushed is not None:
         summary.pushed_dir = run_metadata.prop(pushed, "pushed_destination", "") or ""
