@@ -83,3 +83,6 @@ def test_rerun_with_unchanged_inputs_reuses_cached_outputs(first_run, gtsrb_slic
     # but the identical model is not pushed as a second version.
     assert summary.pushed and summary.pushed_dir == first.pushed_dir
     assert len(glob.glob(os.path.join(config.pipeline.serving_dir, "signs", "*"))) == 1
+    # The summary names the model this run used (cached), not the newest one trained
+    # (test_blessing.py trains a worse one into this folder before this test).
+    assert summary.model_dir == first.model_dir

@@ -19,7 +19,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from tests.conftest import GTSRB_CLASSES
+from tests.conftest import GTSRB_CLASSES, MOBILENET_V2_035, gtsrb_settings, latest_states, require_shared
 from visiontune import cli
 from visiontune.pipeline import report
 
@@ -160,6 +160,7 @@ def built_report(first_run_snapshot, tmp_path_factory):
 
 
 @pytest.mark.e2e
+@pytest.mark.shared
 def test_run_writes_its_report_at_the_end(first_run, first_run_snapshot):
     config, summary = first_run
     index = os.path.join(first_run_snapshot, "report", report.INDEX_FILE)  # as the run left it
@@ -172,14 +173,38 @@ def test_run_writes_its_report_at_the_end(first_run, first_run_snapshot):
 
 
 @pytest.mark.e2e
-def test_a_report_of_the_same_outcome_is_kept_and_another_is_rebuilt(first_run_snapshot):
+@pytest.mark.shared
+def test_a_report_of_the_same_outcome_is_kept_and_another_is_rebuilt(first_run, first_run_snapshot):
     """A fully cached re-run keeps the report (rebuilding re-runs the model over the eval split)."""
+    from visiontune.pipeline import local_runner
+
     summary = json.load(open(os.path.join(first_run_snapshot, "run_summary.json")))
     assert report.is_current(first_run_snapshot, summary)
     assert not report.is_current(first_run_snapshot, {**summary, "pushed_dir": "elsewhere"})
 
+    config, _ = first_run
+    out = config.pipeline.output_dir
+    index = os.path.join(out, report.REPORT_DIR, report.INDEX_FILE)
+    local_runner.run(config)  # the Evaluator may run (a new baseline); then nothing is left to run
+    before = _file_state(index)
+    again = local_runner.run(config).to_json()
+    states = latest_states(local_runner.metadata_path(config))
+    assert {s for c, s in states.items() if c != "Resolver"} == {"CACHED"}, states  # a Resolver always runs
+    assert _file_state(index) == before  # kept: not even rewritten
+    # Another outcome: the report is built again, for the run's actual outcome.
+    assert local_runner.write_report(out, {**again, "pushed_dir": "elsewhere"}) == index
+    assert _file_state(index)[1] != before[1]
+    assert report.is_current(out, again)
+
+
+def _file_state(path):
+    """(content, mtime in ns) of a file."""
+    with open(path, "rb") as f:
+        return f.read(), os.stat(path).st_mtime_ns
+
 
 @pytest.mark.e2e
+@pytest.mark.shared
 def test_report_numbers_are_tfmas(built_report, first_run):
     _, summary = first_run
     _, page, data = built_report
@@ -245,6 +270,7 @@ def test_report_numbers_are_tfmas(built_report, first_run):
 
 
 @pytest.mark.e2e
+@pytest.mark.shared
 def test_report_is_self_contained_with_its_pngs_embedded(built_report):
     out, page, _ = built_report
     pngs = sorted(f for f in os.listdir(out) if f.endswith(".png"))
@@ -257,6 +283,67 @@ def test_report_is_self_contained_with_its_pngs_embedded(built_report):
     assert not re.search(r'(src|href)="(?!data:)', page)  # nothing loaded from elsewhere
 
 
+@pytest.mark.e2e
+@pytest.mark.shared
+def test_report_takes_the_runs_config_or_its_metadata_sqlite_and_a_cap_on_examples(
+        built_report, first_run_snapshot, gtsrb_slice, tmp_path):
+    import yaml
+
+    from visiontune import configs
+
+    _, _, full = built_report
+    root, train, test_csv, _ = gtsrb_slice
+    # The run's config, its output dir being the snapshot of the first run.
+    config = configs.load_config(None, gtsrb_settings(root, train, test_csv,
+                                                      **{"pipeline.output_dir": first_run_snapshot}))
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(configs.to_dict(config)))
+    for name, argument, cap in (("by_config", str(config_file), 10),
+                                ("by_sqlite", os.path.join(first_run_snapshot, "metadata.sqlite"), 4)):
+        out = tmp_path / name
+        assert cli.main(["report", argument, "--output", str(out), "--max-eval-examples", str(cap)]) == 0
+        data = json.load(open(out / report.DATA_FILE, encoding="utf-8"))
+        assert data["output_dir"] == first_run_snapshot and data["summary"] == full["summary"]
+        # The model ran over the first ``cap`` examples only; the split's size is still counted.
+        assert (data["mistakes"]["checked"], data["mistakes"]["total"]) == (cap, 120)
+        assert data["mistakes"]["wrong"] <= min(cap, full["mistakes"]["wrong"])
+        assert (out / report.INDEX_FILE).is_file()
+
+
+@pytest.mark.e2e
+@pytest.mark.shared
+def test_report_of_a_run_that_stopped_part_way_shows_what_there_is(shapes_prepared, tmp_path, capsys):
+    """The Trainer fails (MobileNetV2's weights file does not fit MobileNet): no model, no evaluation."""
+    from visiontune import configs
+    from visiontune.pipeline import local_runner
+
+    config = configs.load_config(None, [
+        f"data.prepared_dir={shapes_prepared.output_dir}", "data.example_gen=tfrecords",
+        "model.backbone=mobilenet", "model.alpha=0.25", f"model.weights={require_shared(MOBILENET_V2_035)}",
+        "model.image_size=32", "training.batch_size=8", "evaluation.top_k=2",
+        f"pipeline.output_dir={tmp_path / 'run'}", f"pipeline.serving_dir={tmp_path / 'serving'}"])
+    with pytest.raises(Exception):
+        local_runner.run(config)
+    states = latest_states(local_runner.metadata_path(config))
+    assert states["Transform"] == "COMPLETE" and states["Trainer"] == "FAILED", states
+
+    capsys.readouterr()
+    assert cli.main(["report", str(tmp_path / "run")]) == 0
+    index = capsys.readouterr().out.strip()
+    assert index == str(tmp_path / "run" / report.REPORT_DIR / report.INDEX_FILE)
+    data = json.load(open(os.path.join(os.path.dirname(index), report.DATA_FILE), encoding="utf-8"))
+    # What the run got to: the data, with its counts and sample images ...
+    assert data["classes"] == list(shapes_prepared.classes)
+    assert data["counts"] == shapes_prepared.counts and data["sample_classes"] == data["classes"]
+    # ... and, said plainly, what it did not.
+    assert data["summary"]["reasons"] == ["the pipeline stopped before the Evaluator"]
+    assert not data["summary"]["pushed"] and data["per_class"] == [] and "mistakes" not in data
+    assert any(p.startswith("training history: no history.json") for p in data["problems"])
+    page = open(index, encoding="utf-8").read()
+    assert "the pipeline stopped before the Evaluator" in page and "not available" in page
+    assert "class_counts.png" in os.listdir(os.path.dirname(index))
+
+
 def _chromium():
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if shutil.which(name):
@@ -265,6 +352,7 @@ def _chromium():
 
 
 @pytest.mark.e2e
+@pytest.mark.shared
 def test_report_renders_in_headless_chromium(built_report, tmp_path):
     from PIL import Image
 
