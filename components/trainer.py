@@ -72,6 +72,31 @@ def _fits_in_memory(files: Sequence[str], fraction: float = 0.25) -> bool:
     return size < ram * fraction
 
 
+def _count_records(files: Sequence[str]) -> int:
+    """The number of records in gzipped TFRecord files (decompressed, not parsed)."""
+    ds = tf.data.Dataset.from_tensor_slices(list(files)).interleave(
+        lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
+        cycle_length=min(len(files), 8), num_parallel_calls=AUTOTUNE)
+    return int(ds.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
+
+
+def _batches(ds: tf.data.Dataset, files: Sequence[str], batch_size: int, training: bool) -> tf.data.Dataset:
+    """Batches; a training set also says how many there are.
+
+    Told nothing, Keras finds an epoch's end by running into it: that first
+    epoch of every ``model.fit`` then counts one optimizer step more than it
+    ran (tf_keras 2.16, measured), so a resumed fit (whose first epoch is
+    the uninterrupted run's third, say) would step Adam's bias correction
+    differently from the run it continues.  Counting costs one read of the
+    gzipped records; the progress line knows its total from the first epoch.
+    """
+    ds = ds.batch(batch_size)
+    if training:
+        batches = -(-_count_records(files) // batch_size)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
+    return ds.prefetch(AUTOTUNE)
+
+
 def _decoded_records(files: Sequence[str], parse, *, training: bool, seed: int,
                      cache: Optional[bool], shuffle_buffer: int) -> tf.data.Dataset:
     """Reads gzipped records in parallel, decodes them with ``parse``, caches, shuffles.
@@ -110,7 +135,7 @@ def create_dataset(file_patterns: Sequence[str], image_size: int, batch_size: in
 
     ds = _decoded_records(files, parse, training=training, seed=seed, cache=cache,
                           shuffle_buffer=4096)
-    return ds.batch(batch_size).prefetch(AUTOTUNE)
+    return _batches(ds, files, batch_size, training)
 
 
 def create_segmentation_dataset(file_patterns: Sequence[str], image_size: int, batch_size: int, *,
@@ -153,7 +178,7 @@ def create_segmentation_dataset(file_patterns: Sequence[str], image_size: int, b
     if training:
         if augmentation and (augmentation.horizontal_flip or augmentation.vertical_flip):
             ds = ds.map(flip, num_parallel_calls=AUTOTUNE)
-    return ds.map(to_targets, num_parallel_calls=AUTOTUNE).batch(batch_size).prefetch(AUTOTUNE)
+    return _batches(ds.map(to_targets, num_parallel_calls=AUTOTUNE), files, batch_size, training)
 
 
 # --------------------------------------------------------------------------- training
