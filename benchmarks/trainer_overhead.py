@@ -206,6 +206,7 @@ def per_callback(args, config, train_cfg, phase, num_classes, strategy, new_mode
 
     from visiontune.components import model as model_lib, trainer, training_state
 
+    train_ds = train_ds.repeat()  # as fit_phases with steps capped: epochs x steps never run out
     model = new_model()
     top_k = max(1, min(config.evaluation.top_k, num_classes))
     with strategy.scope():
@@ -216,16 +217,18 @@ def per_callback(args, config, train_cfg, phase, num_classes, strategy, new_mode
 
     def variants(tmp):
         cbs = trainer._callbacks(train_cfg, os.path.join(tmp, "logs"))
-        # The resume state, written after every epoch, as fit_phases adds it.
-        saver = training_state.EpochStateSaver(training_state.StateWriter(os.path.join(tmp, "state")),
-                                               args.phase, [], cbs, 0)
+        # The resume state, written after every epoch, as fit_phases adds it (after the others).
+        def saver(name, watched):
+            writer = training_state.StateWriter(os.path.join(tmp, name))
+            return training_state.EpochStateSaver(writer, args.phase, [], watched, 0)
+
         by_type = {type(c).__name__: c for c in cbs}
         return {"none": [], "EpochTimer": [by_type["EpochTimer"]],
-                "resume state": [saver],
+                "resume state": [saver("state", [])],
                 "TensorBoard": [by_type["TensorBoard"]],
                 "ReduceLROnPlateau+EarlyStopping": [c for n, c in by_type.items()
                                                     if n in ("ReduceLROnPlateau", "EarlyStopping")],
-                "all": cbs + [saver]}
+                "all": cbs + [saver("state-all", cbs)]}
 
     names = list(variants(tempfile.gettempdir()))
     times = {n: [] for n in names}

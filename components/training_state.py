@@ -173,13 +173,10 @@ class StateWriter:
 
     def __init__(self, state_dir: str):
         self.state_dir = state_dir
-        self._count = 0
-        self._previous: Optional[str] = None
-        tf.io.gfile.makedirs(state_dir)
         # Continue the numbering of a killed attempt, so its last file is never overwritten.
-        existing = [int(n[6:-4]) for n in tf.io.gfile.listdir(state_dir)
-                    if n.startswith("state-") and n.endswith(".bin") and n[6:-4].isdigit()]
-        self._count = max(existing, default=0)
+        names = tf.io.gfile.listdir(state_dir) if tf.io.gfile.isdir(state_dir) else []
+        self._count = max((int(n[6:-4]) for n in names
+                           if n.startswith("state-") and n.endswith(".bin") and n[6:-4].isdigit()), default=0)
         self.seconds = 0.0  # time spent writing, for the benchmarks
 
     def write(self, model: tf_keras.Model, *, phase: str, phase_done: bool, epochs_done: int,
@@ -223,6 +220,7 @@ class StateWriter:
         self.seconds += time.perf_counter() - start
 
     def _publish(self, name: str, data: bytes, meta: bytes) -> None:
+        tf.io.gfile.makedirs(self.state_dir)
         path = os.path.join(self.state_dir, name)
         with tf.io.gfile.GFile(path, "wb") as f:
             f.write(data)
