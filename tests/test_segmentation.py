@@ -219,7 +219,10 @@ def cdnet_run(tmp_path_factory):
                                               "cdnet2014.yaml"), [
         f"data.prepared_dir={root}/prepared", f"pipeline.output_dir={root}/run",
         f"pipeline.serving_dir={root}/serving", "data.workers=1", "model.image_size=64",
-        "training.warmup.epochs=2", "training.fine_tune.epochs=1", "evaluation.min_accuracy=0.5"])
+        "training.warmup.epochs=2", "evaluation.min_accuracy=0.5",
+        # No fine-tuning phase (its recompile was a fifth of the Trainer's time; the GTSRB run has one)
+        # and no TFLite models (segmentation's TFLite export is tested in test_tflite.py).
+        "training.fine_tune.epochs=0", "export.tflite=[]"])
     summary = local_runner.run(config)
     return config, summary
 
