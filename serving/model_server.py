@@ -1,30 +1,23 @@
 """The built-in model server's core: versions of one model, loaded and swapped safely.
 
-TF Serving watches ``BASE_PATH/<version>/`` and serves the latest N versions;
-this module does the same for the built-in server (``visiontune serve`` when
-no ``tensorflow_model_server`` is installed):
+TF Serving watches ``BASE_PATH/<version>/`` and serves the latest N versions; this module does the same for
+the built-in server (``visiontune serve`` when no ``tensorflow_model_server`` is installed):
 
-* A poller thread rescans the base path every ``poll_seconds``.  A version
-  folder's name is ASCII digits (:func:`model_versions.version_number`;
-  anything else, such as ``²`` or the Pusher's hidden temporary folders, is
-  ignored).  It is a candidate once ``saved_model.pb`` is there (the Pusher
-  renames a complete copy into place; other tools write that file last)
-  *and* the folder has not changed since the previous scan, so a copy still
-  in progress is never loaded.
-* The new version is loaded and warmed up in the poller thread while the
-  previous ones keep answering; it joins the served set in one atomic swap.
-  A version that fails to load is reported (``END`` with the error) and
-  retried only when its files change; it never displaces a good version.
-* The latest ``num_versions`` loaded versions stay available by number;
-  older ones are unloaded after the new one is serving.  A request holds a
-  reference to its version, so unloading never breaks one in flight.
+* A poller thread rescans the base path every ``poll_seconds``.  A version folder's name is ASCII digits
+  (:func:`model_versions.version_number`; anything else, such as ``²`` or the Pusher's hidden temporary
+  folders, is ignored).  It is a candidate once ``saved_model.pb`` is there (the Pusher renames a complete
+  copy into place; other tools write that file last) *and* the folder has not changed since the previous
+  scan, so a copy still in progress is never loaded.
+* The new version is loaded and warmed up in the poller thread while the previous ones keep answering; it
+  joins the served set in one atomic swap. A version that fails to load is reported (``END`` with the error)
+  and retried only when its files change; it never displaces a good version.
+* The latest ``num_versions`` loaded versions stay available by number; older ones are unloaded after the
+  new one is serving.  A request holds a reference to its version, so unloading never breaks one in flight.
 
-Request handling (:meth:`ModelManager.predict`) validates inputs against the
-signature, refuses images whose header declares more than ``max_pixels``,
-runs the model in calls of at most ``inference_batch_size`` instances (so a
-request of 1,000 images costs the memory of 32 at a time), and raises
-:class:`ServingError` with TF Serving's status codes, which the REST and
-gRPC front ends turn into their own error shapes.
+Request handling (:meth:`ModelManager.predict`) validates inputs against the signature, refuses images whose
+header declares more than ``max_pixels``, runs the model in calls of at most ``inference_batch_size``
+instances (so a request of 1,000 images costs the memory of 32 at a time), and raises :class:`ServingError`
+with TF Serving's status codes, which the REST and gRPC front ends turn into their own error shapes.
 """
 
 from __future__ import annotations

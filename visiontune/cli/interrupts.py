@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 import time
 from typing import Iterator
@@ -61,10 +62,21 @@ def delivered(retry_seconds: float = RETRY_SECONDS, retries: int = RETRIES) -> I
                 threading.Thread(target=again, name="visiontune-interrupt", daemon=True).start()
         raise KeyboardInterrupt
 
+    previous_hook = sys.unraisablehook
+
+    def unraisable(info) -> None:
+        # A KeyboardInterrupt raised where Python cannot propagate it (a
+        # ``__del__``, TensorFlow's function cleanup) is printed as "Exception
+        # ignored in ..." with a traceback, and lost: the retry delivers it.
+        if not isinstance(info.exc_value, KeyboardInterrupt):
+            previous_hook(info)
+
     signal.signal(signal.SIGINT, handler)
+    sys.unraisablehook = unraisable
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         with lock:
             state["ended"] = True
             if not state["pending"]:  # else the handler puts Python's back when that signal arrives
