@@ -293,21 +293,8 @@ def test_a_full_disk_during_run_is_one_error_line(tmp_path, size):
 
 # ----------------------------------------------------------------------------- Ctrl-C
 
-# Loaded by every Python process of the command (Beam's workers inherit
-# PYTHONPATH): encoding is slow, and each process that encodes says so.
-_SLOW_ENCODE = textwrap.dedent("""
-    import os, time
-    from visiontune.components import image_encoding
-
-    encode = image_encoding.encode_example
-
-    def slow(*args, **kwargs):
-        open(os.path.join(os.environ["VISIONTUNE_TEST_PIDS"], str(os.getpid())), "w").close()
-        time.sleep(0.2)
-        return encode(*args, **kwargs)
-
-    image_encoding.encode_example = slow
-""")
+# Every process of the command that encodes says so, slowly (Beam's workers inherit PYTHONPATH).
+from tests.test_ingest_faults import _SLOW_ENCODE  # noqa: E402
 
 
 @pytest.mark.skipif(not LINUX, reason="process groups and /proc")
