@@ -30,7 +30,6 @@ examples), ``figures`` (the PNGs) and ``report_html`` (the page, from
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from typing import Any, Dict
@@ -94,20 +93,38 @@ def is_current(output_dir: str, summary: Dict[str, Any]) -> bool:
 
 
 def write_report(output_dir: str, report_dir: str = "", max_eval_examples: int = MAX_EVAL_EXAMPLES) -> str:
-    """Builds the report of the run in ``output_dir``; returns the path of ``index.html``."""
+    """Builds the report of the run in ``output_dir``; returns the path of ``index.html``.
+
+    Every file is written aside and renamed into place, ``index.html`` last, so a
+    reader (or a run killed mid-report) never sees a half-written page.  Figures
+    that the previous report listed in its ``report.json`` and this one lacks are
+    removed; nothing else in ``report_dir`` is touched (``--output`` may be a
+    folder of the user's).
+    """
     output_dir = resolve_output_dir(output_dir)
     report_dir = os.path.abspath(report_dir or os.path.join(output_dir, REPORT_DIR))
     built = gather(output_dir, max_eval_examples=max_eval_examples)
     data, figures = built["data"], built["figures"]
     os.makedirs(report_dir, exist_ok=True)
-    for old in glob.glob(os.path.join(report_dir, "*.png")):
-        os.remove(old)  # figures of an earlier report that this one lacks must not linger
+    previous = run_files.read_json(os.path.join(report_dir, DATA_FILE)) or {}
+    data = {**data, "figure_files": sorted(figures)}
     for name, png in figures.items():
-        with open(os.path.join(report_dir, name), "wb") as f:
-            f.write(png)
-    with open(os.path.join(report_dir, DATA_FILE), "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, default=str)
+        _write_aside(os.path.join(report_dir, name), png)
+    _write_aside(os.path.join(report_dir, DATA_FILE), json.dumps(data, indent=2, default=str).encode("utf-8"))
     index = os.path.join(report_dir, INDEX_FILE)
-    with open(index, "w", encoding="utf-8") as f:
-        f.write(render_html(data, figures))
+    _write_aside(index, render_html(data, figures).encode("utf-8"))
+    for name in previous.get("figure_files") or ():
+        # Only names our own earlier report wrote, and only plain file names inside report_dir.
+        if name not in figures and name == os.path.basename(name) and name.endswith(".png"):
+            try:
+                os.remove(os.path.join(report_dir, name))
+            except FileNotFoundError:
+                pass
     return index
+
+
+def _write_aside(path: str, data: bytes) -> None:
+    partial = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
+    with open(partial, "wb") as f:
+        f.write(data)
+    os.replace(partial, path)

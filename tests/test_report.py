@@ -312,8 +312,12 @@ def test_report_takes_the_runs_config_or_its_metadata_sqlite_and_a_cap_on_exampl
 
 @pytest.mark.e2e
 @pytest.mark.shared
-def test_report_of_a_run_that_stopped_part_way_shows_what_there_is(shapes_prepared, tmp_path, capsys):
-    """The Trainer fails (MobileNetV2's weights file does not fit MobileNet): no model, no evaluation."""
+def test_report_of_a_run_that_stopped_part_way_shows_what_there_is(shapes_prepared, built_report, tmp_path, capsys):
+    """The Trainer fails (MobileNetV2's weights file does not fit MobileNet): no model, no evaluation.
+
+    Written over a full report in a folder of the user's, it removes the figures it no longer has
+    and nothing else.
+    """
     from visiontune import configs
     from visiontune.pipeline import local_runner
 
@@ -342,6 +346,17 @@ def test_report_of_a_run_that_stopped_part_way_shows_what_there_is(shapes_prepar
     page = open(index, encoding="utf-8").read()
     assert "the pipeline stopped before the Evaluator" in page and "not available" in page
     assert "class_counts.png" in os.listdir(os.path.dirname(index))
+
+    mine = tmp_path / "mine"
+    shutil.copytree(built_report[0], mine)
+    (mine / "holiday.png").write_bytes(b"the user's own picture")
+    assert {"misclassified.png", "training.png"} <= set(os.listdir(mine))
+    assert cli.main(["report", str(tmp_path / "run"), "--output", str(mine)]) == 0
+    left = set(os.listdir(mine))
+    assert "misclassified.png" not in left and "training.png" not in left
+    assert {"holiday.png", "class_counts.png", report.INDEX_FILE, report.DATA_FILE} <= left
+    assert (mine / "holiday.png").read_bytes() == b"the user's own picture"
+    assert not [name for name in left if name.endswith(".partial")]
 
 
 def _chromium():
