@@ -9,6 +9,11 @@ TFMA applies a ``threshold`` to every slice; blessing is a statement about the
 model as a whole, so it is set with ``per_slice_thresholds`` on the overall
 slice only.  The change threshold only takes effect when a baseline (the last
 blessed model) exists: the first model is judged on the floor alone.
+
+``evaluation.max_regression`` 1 (``visiontune compare`` sets it) is no gate at
+all: an accuracy in [0, 1] cannot drop by more.  Such a run has no change
+threshold and no baseline (``has_regression_gate``): TFMA would score the last
+blessed model on every run only to compare it with a bound nothing can cross.
 """
 
 from __future__ import annotations
@@ -25,14 +30,26 @@ ACCURACY = "sparse_categorical_accuracy"
 TOP_K_ACCURACY = "top_k_accuracy"
 
 
+def has_regression_gate(evaluation: configs.EvaluationConfig) -> bool:
+    """Whether ``max_regression`` can refuse a model: below 1, so the pipeline needs the last blessed model."""
+    return evaluation.max_regression < 1
+
+
+def blessing_threshold(evaluation: configs.EvaluationConfig) -> tfma.MetricThreshold:
+    """The floor ``min_accuracy`` and, when there is a gate, the change threshold ``max_regression``."""
+    threshold = tfma.MetricThreshold(
+        value_threshold=tfma.GenericValueThreshold(lower_bound={"value": evaluation.min_accuracy}))
+    if has_regression_gate(evaluation):
+        threshold.change_threshold.CopyFrom(tfma.GenericChangeThreshold(
+            direction=tfma.MetricDirection.HIGHER_IS_BETTER,
+            absolute={"value": -evaluation.max_regression}))
+    return threshold
+
+
 def create_eval_config(evaluation: configs.EvaluationConfig, num_classes: Optional[int]) -> tfma.EvalConfig:
     """``num_classes`` None: not known yet (images in); ``fit_to_classes`` completes the config at run time."""
     overall = [tfma.SlicingSpec()]
-    blessing = tfma.MetricThreshold(
-        value_threshold=tfma.GenericValueThreshold(lower_bound={"value": evaluation.min_accuracy}),
-        change_threshold=tfma.GenericChangeThreshold(
-            direction=tfma.MetricDirection.HIGHER_IS_BETTER,
-            absolute={"value": -evaluation.max_regression}))
+    blessing = blessing_threshold(evaluation)
     top_k = max(1, evaluation.top_k if num_classes is None else min(evaluation.top_k, num_classes))
     per_class = {"top_k": 1}
     config = tfma.EvalConfig(
@@ -91,7 +108,7 @@ def create_segmentation_eval_config(evaluation: configs.EvaluationConfig,
     """Pixel accuracy, mean IoU and per-class IoU/precision/recall/F1, void pixels excluded.
 
     Blessing is on pixel accuracy: the floor is ``evaluation.min_accuracy`` and
-    the change threshold ``evaluation.max_regression``, as for classification.
+    the change threshold ``evaluation.max_regression`` (if any), as for classification.
     No ``label_key``: the ground truth is the transformed ``mask_ids`` (found by
     the metrics themselves), not a per-example label.
     """
@@ -100,11 +117,7 @@ def create_segmentation_eval_config(evaluation: configs.EvaluationConfig,
                        "ground_truth_key": features.MASK_IDS_KEY,
                        "prediction_key": features.CLASS_IDS_OUTPUT,
                        "ignore_ground_truth_id": features.VOID_ID})
-    blessing = tfma.MetricThreshold(
-        value_threshold=tfma.GenericValueThreshold(lower_bound={"value": evaluation.min_accuracy}),
-        change_threshold=tfma.GenericChangeThreshold(
-            direction=tfma.MetricDirection.HIGHER_IS_BETTER,
-            absolute={"value": -evaluation.max_regression}))
+    blessing = blessing_threshold(evaluation)
 
     def metric(name, **extra):
         return tfma.MetricConfig(class_name=name, module=SEGMENTATION_METRICS_MODULE, config=args, **extra)

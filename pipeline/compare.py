@@ -8,13 +8,15 @@ every backbone after the first that shares its input size (Transform's
 again.  A second ``compare`` into the same folder with the same settings also
 reuses the Trainers: add a backbone and only that one trains.
 
-Blessing and pushing: the Resolver hands the Evaluator the last blessed model
-of *any* backbone as baseline.  The comparison reads every backbone's own
-evaluation (TFMA's metrics of the candidate, never the baseline's), and runs
-with ``evaluation.max_regression: 1`` so that a backbone is blessed on the
-accuracy floor alone, not on how it compares with the backbone that ran
-before it.  Blessed models are pushed to ``<compare dir>/serving/<model_name>_<label>/``:
-one servable model per backbone, the user's serving dir untouched.
+Blessing and pushing: every backbone runs with ``evaluation.max_regression:
+1`` so that it is blessed on the accuracy floor alone, not on how it compares
+with the backbone that ran before it (a baseline would be the last blessed
+model of *any* backbone).  With no regression gate the pipeline has no
+Resolver and the Evaluator scores the backbone's model alone
+(``components.evaluation.has_regression_gate``): half the Evaluator's work,
+and a re-run reuses every trained backbone's evaluation.  Blessed models are
+pushed to ``<compare dir>/serving/<model_name>_<label>/``: one servable model
+per backbone, the user's serving dir untouched.
 
 Per backbone the table has: the weights actually used (a backbone whose
 ``imagenet`` weights cannot be had, no network and no Keras cache file, or

@@ -3,6 +3,11 @@
 ImageExampleGen (or ImportExampleGen) -> StatisticsGen -> SchemaGen -> ExampleValidator -> Transform
 -> Trainer -> Resolver (latest blessed model) -> Evaluator -> Pusher.
 
+Without a regression gate (``evaluation.max_regression`` 1, as ``visiontune
+compare`` runs) there is no Resolver and the Evaluator scores the new model
+alone: the baseline's evaluation would decide nothing, and leaving it out
+halves the Evaluator's time and lets a re-run reuse the Evaluator (cached).
+
 Module code is referenced by dotted path (``visiontune.components.trainer.run_fn``)
 rather than uploaded as a module file, so the same definition runs locally and
 inside a container image that has this package installed.  Because TFX cannot
@@ -33,6 +38,7 @@ TRAINER_FN = "visiontune.components.trainer.run_fn"
 SPLITS_TRAINING = ("train", "eval")
 # Settings only the Evaluator reads; they stay out of the Trainer's cache key.
 BLESSING_SETTINGS = ("min_accuracy", "max_regression")
+RESOLVER_ID = "latest_blessed_model_resolver"  # the baseline: only with a regression gate
 
 
 def code_fingerprint(*module_names: str) -> str:
@@ -161,17 +167,19 @@ def create_pipeline(
         eval_args=tfx.proto.EvalArgs(splits=["eval"]),
         custom_config=trainer_config)
 
-    model_resolver = tfx.dsl.Resolver(
-        strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
-        model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
-        model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
-    ).with_id("latest_blessed_model_resolver")
+    model_resolver = None
+    if evaluation.has_regression_gate(config.evaluation):
+        model_resolver = tfx.dsl.Resolver(
+            strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+            model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
+            model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
+        ).with_id(RESOLVER_ID)
 
     evaluator = class_aware.Evaluator(
         classes=class_list,
         examples=example_gen.outputs["examples"],
         model=trainer.outputs["model"],
-        baseline_model=model_resolver.outputs["model"],
+        baseline_model=model_resolver.outputs["model"] if model_resolver else None,
         eval_config=(evaluation.create_segmentation_eval_config(config.evaluation, len(classes))
                      if segmentation is not None
                      else evaluation.create_eval_config(
@@ -185,7 +193,7 @@ def create_pipeline(
             filesystem=tfx.proto.PushDestination.Filesystem(
                 base_directory=os.path.join(config.pipeline.serving_dir, config.pipeline.model_name))))
     components = [example_gen, statistics_gen, schema_gen, example_validator, transform,
-                  trainer, model_resolver, evaluator, pusher_component]
+                  trainer] + ([model_resolver] if model_resolver else []) + [evaluator, pusher_component]
 
     if endpoint_push:
         components.append(tfx.extensions.google_cloud_ai_platform.Pusher(

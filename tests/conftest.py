@@ -329,3 +329,29 @@ def folder_files(folder: str):
             st = os.stat(path)
             found[os.path.relpath(path, folder)] = (st.st_size, st.st_mtime_ns)
     return found
+
+
+# --------------------------------------------------------------------------- the built-in server on the tiny export
+
+def builtin_server_fixture(folder: str, limits: dict):
+    """A module-scoped ``server`` fixture: the built-in server on version 1 of ``exported_model``.
+
+    ``folder`` names the temporary folder (``fuzz``, ``limits``); ``limits`` are
+    the ``Limits`` the module's refusals are reached with.  One place, so the
+    modules that test one server with small limits start it the same way.
+    """
+
+    @pytest.fixture(scope="module")
+    def server(exported_model, tmp_path_factory):
+        from tests.test_serving import MODEL, copy_version, start_builtin
+
+        base = str(tmp_path_factory.mktemp(folder) / MODEL)
+        copy_version(exported_model.serving_model_dir, os.path.join(base, "1"))
+        served = start_builtin(base, **limits)
+        try:
+            served.wait_available(1)
+            yield served
+        finally:
+            served.stop()
+
+    return server

@@ -133,3 +133,31 @@ def test_each_kind_of_failed_threshold_is_one_line_with_its_numbers():
         f"{ACCURACY} changed by -0.1250 against the last blessed model, more than evaluation.max_regression " \
         "0.01 allows"
     assert results.failure_reason(failure(None, lower=0.5), {}) == f"{ACCURACY}: Metric not found."
+
+
+@pytest.mark.parametrize("max_regression, gated", [(0.05, True), (1, False)])
+def test_without_a_regression_gate_the_pipeline_evaluates_no_baseline(tmp_path, max_regression, gated):
+    """``max_regression`` 1 (``visiontune compare``'s) cannot refuse a model: no Resolver, no baseline
+    model, no change threshold, so the Evaluator scores one model and a re-run can reuse it."""
+    import tensorflow_model_analysis as tfma
+    from google.protobuf import json_format
+
+    from visiontune import configs
+    from visiontune.pipeline import pipeline as pipeline_lib
+
+    config = configs.load_config(None, [f"data.source={tmp_path / 'images'}", f"pipeline.output_dir={tmp_path}",
+                                        f"evaluation.max_regression={max_regression}"])
+    pipeline = pipeline_lib.create_pipeline(config, pipeline_root=str(tmp_path))
+    ids = [c.id for c in pipeline.components]
+    evaluator = {c.id: c for c in pipeline.components}["Evaluator"]
+    assert (pipeline_lib.RESOLVER_ID in ids) == gated, ids
+    assert ("baseline_model" in evaluator.inputs) == gated, evaluator.inputs
+    eval_config = evaluator.exec_properties["eval_config"]
+    if isinstance(eval_config, str):
+        eval_config = json_format.Parse(eval_config, tfma.EvalConfig())
+    thresholds = [t.threshold for spec in eval_config.metrics_specs for m in spec.metrics
+                  for t in m.per_slice_thresholds]
+    assert len(thresholds) == 1 and thresholds[0].value_threshold.lower_bound.value == 0.5
+    assert thresholds[0].HasField("change_threshold") == gated
+    if gated:
+        assert thresholds[0].change_threshold.absolute.value == -max_regression

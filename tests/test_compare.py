@@ -259,6 +259,7 @@ def test_each_row_is_its_own_backbones_tfma_evaluation(comparison):
         evaluator = run_metadata.producer(store, evaluation.id)
         inputs = run_metadata.linked(store, evaluator.id, (metadata_store_pb2.Event.INPUT,))
         assert [a.uri for a in inputs["model"]] == [os.path.dirname(row["model_dir"])]
+        assert "baseline_model" not in inputs, inputs  # no regression gate: TFMA scored this model alone
         meta = json.load(open(os.path.join(row["model_dir"], "assets.extra", "visiontune.json")))
         assert meta["backbone"] == backbone == row["backbone"]
         assert meta["weights"] == row["weights_used"]
@@ -336,12 +337,13 @@ def test_a_rerun_skips_trained_backbones_and_one_failed_backbone_exits_3(compari
     assert "failed: broken (see the table)" in err
     data = json.load(open(os.path.join(out, compare.JSON_FILE), encoding="utf-8"))
     *again, broken = data["rows"]
-    # The backbones trained before are not trained again: their Trainer is a cache hit
-    # that names the same model, with the same figures.
+    # The backbones trained before are not trained (nor evaluated) again: their Trainer
+    # is a cache hit that names the same model, with the same figures.
     for row, old in zip(again, before["rows"]):
         assert row["label"] == old["label"] and "error" not in row, row.get("error")
         states = {c["component"]: c["state"] for c in row["components"]}
         assert states["Trainer"] == "CACHED" and states["Transform"] == "CACHED", states
+        assert states["Evaluator"] == "CACHED", states  # no baseline (no gate): nothing new to judge
         assert row["model_dir"] == old["model_dir"] and row["train_seconds"] == old["train_seconds"]
         assert row["accuracy"] == old["accuracy"] and row["confusion_matrix"] == old["confusion_matrix"]
     # The failed backbone has its row, saying why, in every file.

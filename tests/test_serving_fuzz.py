@@ -19,13 +19,12 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import socket
 
-import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tests.test_serving import MODEL, copy_version, start_builtin
+from tests.conftest import builtin_server_fixture
+from tests.test_serving import MODEL
 
 LIMITS = dict(max_instances=4, max_body_bytes=64 << 10, max_pixels=64 * 64, inference_batch_size=2,
               workers=2, max_connections=16, idle_timeout=5.0, read_timeout=5.0)
@@ -42,16 +41,7 @@ def _png(size: int = 12) -> bytes:
 PNG = _png()
 
 
-@pytest.fixture(scope="module")
-def server(exported_model, tmp_path_factory):
-    base = str(tmp_path_factory.mktemp("fuzz") / MODEL)
-    copy_version(exported_model.serving_model_dir, os.path.join(base, "1"))
-    served = start_builtin(base, **LIMITS)
-    try:
-        served.wait_available(1)
-        yield served
-    finally:
-        served.stop()
+server = builtin_server_fixture("fuzz", LIMITS)
 
 
 # ---------------------------------------------------------------- strategies

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import socket
 import struct
 import threading
@@ -21,7 +20,8 @@ from typing import Optional
 import numpy as np
 import pytest
 
-from tests.test_serving import MODEL, copy_version, start_builtin
+from tests.conftest import builtin_server_fixture
+from tests.test_serving import MODEL
 from visiontune.serving.client import RestClient
 
 LIMITS = dict(max_instances=8, max_body_bytes=256 << 10, max_pixels=100 * 100, inference_batch_size=3,
@@ -34,16 +34,7 @@ def model_dir(exported_model):
     return exported_model.serving_model_dir
 
 
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    base = str(tmp_path_factory.mktemp("limits") / MODEL)
-    copy_version(model_dir, os.path.join(base, "1"))
-    served = start_builtin(base, **LIMITS)
-    try:
-        served.wait_available(1)
-        yield served
-    finally:
-        served.stop()
+server = builtin_server_fixture("limits", LIMITS)
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ does not fit) fall back to none, and the table says so.
 
 Blessed models are pushed to OUTPUT_DIR/serving/MODEL_NAME_LABEL/; each is
 blessed on evaluation.min_accuracy alone (max_regression is lifted: the
-baseline would be whichever backbone ran before).
+baseline would be whichever backbone ran before; so no baseline is evaluated).
 """
 
 

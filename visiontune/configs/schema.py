@@ -283,7 +283,8 @@ class EvaluationConfig:
       min_accuracy: blessing: overall accuracy (pixel accuracy for
         segmentation) at least this, in [0, 1] ...
       max_regression: ... and no worse than the last blessed model by more
-        than this (absolute, in [0, 1]).
+        than this (absolute, in [0, 1]; 1 is no check, and the last blessed
+        model is then not evaluated at all).
       batch_size: images per Evaluator batch (>= 1).
     """
 
