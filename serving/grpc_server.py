@@ -1,12 +1,14 @@
 """TF Serving's gRPC API over the built-in model server (protos from ``tensorflow-serving-api``).
 
 Implements what clients call: ``PredictionService/Predict``,
-``PredictionService/GetModelMetadata`` and ``ModelService/GetModelStatus``.
+``PredictionService/GetModelMetadata``, ``ModelService/GetModelStatus`` and
+``ModelService/HandleReloadConfigRequest`` (a new ``ModelServerConfig``, live).
 Other methods answer UNIMPLEMENTED (the generated base servicer's default).
 Errors are TF Serving's status codes: INVALID_ARGUMENT for a bad request,
 NOT_FOUND for an unknown model or version; a message over the size limit is
-refused by gRPC itself with RESOURCE_EXHAUSTED; an unknown version label is
-INVALID_ARGUMENT (no labels are configured), in GetModelStatus too.
+refused by gRPC itself with RESOURCE_EXHAUSTED; ``model_spec.version_label``
+names a version by its label (``version_labels`` in the model config); an
+unknown label is INVALID_ARGUMENT, in GetModelStatus too.
 
 Bounded like the REST server: ``workers`` threads compute requests (gRPC
 holds no thread for an idle connection), at most ``8 * workers`` RPCs wait
@@ -25,6 +27,7 @@ import grpc
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
+    model_management_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
@@ -61,7 +64,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                     inputs[name] = None  # reported by predict() with the full list of names
             outputs = self.manager.predict(servable, signature, inputs, list(request.output_filter))
             response = predict_pb2.PredictResponse()
-            response.model_spec.name = self.manager.name
+            response.model_spec.name = servable.model_name
             response.model_spec.version.value = servable.version
             response.model_spec.signature_name = signature.name
             for name, value in outputs.items():
@@ -86,7 +89,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             for name, sig in servable.signature_defs.items():
                 defs.signature_def[name].CopyFrom(sig)
             response = get_model_metadata_pb2.GetModelMetadataResponse()
-            response.model_spec.name = self.manager.name
+            response.model_spec.name = servable.model_name
             response.model_spec.version.value = servable.version
             response.metadata["signature_def"].Pack(defs)
             return response
@@ -110,6 +113,20 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
             return response
         except ServingError as e:
             _abort(context, e)
+
+    def HandleReloadConfigRequest(self, request, context):
+        """Serves ``request.config`` from now on (``ServerCore.reload``); errors as TF Serving answers them."""
+        reload = getattr(self.manager, "reload", None)
+        if reload is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server serves one ModelManager, not a ServerCore")
+        try:
+            reload(request.config)
+        except ServingError as e:
+            log.error("ReloadConfig failed: %s", e.message)
+            _abort(context, e)
+        response = model_management_pb2.ReloadConfigResponse()
+        response.status.error_code = 0   # OK, as TF Serving's ToStatusProto
+        return response
 
 
 def _check_free(host: str, port: int) -> None:

@@ -11,8 +11,9 @@ the built-in server (``visiontune serve`` when no ``tensorflow_model_server`` is
 * The new version is loaded and warmed up in the poller thread while the previous ones keep answering; it
   joins the served set in one atomic swap. A version that fails to load is reported (``END`` with the error)
   and retried only when its files change; it never displaces a good version.
-* The latest ``num_versions`` loaded versions stay available by number; older ones are unloaded after the
-  new one is serving.  A request holds a reference to its version, so unloading never breaks one in flight.
+* The versions the version policy picks stay available by number (TF Serving's ``model_version_policy``:
+  the latest ``num_versions``, all, or specific ones); the others are unloaded after the new one is
+  serving.  A request holds a reference to its version, so unloading never breaks one in flight.
 
 Request handling (:meth:`ModelManager.predict`) validates inputs against the signature, refuses images whose
 header declares more than ``max_pixels``, runs the model in calls of at most ``inference_batch_size``
@@ -31,8 +32,8 @@ import warnings
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from visiontune import features
-from visiontune.components import model_versions
-from visiontune.serving import image_header
+from visiontune.serving import image_header, version_scan
+from visiontune.serving.model_config import VersionPolicy
 
 log = logging.getLogger("visiontune.serving")
 # protobuf's C++ parser warns (besides stopping early) on bytes that are not a message; the request
@@ -105,6 +106,7 @@ class Servable:
     model: object
     signatures: Dict[str, Signature]
     signature_defs: object                # meta_graph_pb2 SignatureDef map (for metadata)
+    model_name: str = ""                  # set by the ModelManager that loads it
 
     def signature(self, name: Optional[str]) -> Signature:
         name = name or features.SERVING_DEFAULT
@@ -120,20 +122,6 @@ class VersionStatus:
     state: str
     error_code: str = "OK"
     error_message: str = ""
-
-
-def _fingerprint(path: str) -> Tuple:
-    """(relative path, size, mtime) of every file: changes while a copy is in progress."""
-    entries = []
-    for root, _, files in os.walk(path):
-        for f in files:
-            full = os.path.join(root, f)
-            try:
-                st = os.stat(full)
-            except FileNotFoundError:
-                continue
-            entries.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
-    return tuple(sorted(entries))
 
 
 def load_servable(version: int, path: str, warmup: bool = True) -> Servable:
@@ -180,15 +168,16 @@ def _warm_up(servable: Servable) -> None:
 
 
 class ModelManager:
-    """Serves the latest ``num_versions`` versions of one model from ``base_path``."""
+    """Serves the versions of one model in ``base_path`` that ``policy`` picks (default: the latest
+    ``num_versions``).  Version labels are the ``ServerCore``'s (server_core.py)."""
 
     def __init__(self, name: str, base_path: str, num_versions: int = 2, poll_seconds: float = 1.0,
-                 limits: Optional[Limits] = None, warmup: bool = True):
+                 limits: Optional[Limits] = None, warmup: bool = True, policy: Optional[VersionPolicy] = None):
         if num_versions < 1:
             raise ValueError("num_versions must be at least 1")
         self.name = name
         self.base_path = os.path.abspath(base_path)
-        self.num_versions = num_versions
+        self.policy = policy or VersionPolicy("latest", num_versions=num_versions)
         self.poll_seconds = poll_seconds
         self.limits = limits or Limits()
         self.warmup = warmup
@@ -231,29 +220,15 @@ class ModelManager:
 
     # ------------------------------------------------------------------ polling
 
-    def _on_disk(self) -> Dict[int, str]:
-        try:
-            names = os.listdir(self.base_path)
-        except FileNotFoundError:
-            return {}
-        found = {}
-        for name in names:
-            version = model_versions.version_number(name)
-            path = os.path.join(self.base_path, name)
-            # "007" and "7" are the same version to TF Serving too; the first listed wins.
-            if version is not None and version not in found and os.path.isdir(path):
-                found[version] = path
-        return found
-
     def poll_once(self, initial: bool = False) -> None:
-        on_disk = self._on_disk()
+        on_disk = version_scan.versions_on_disk(self.base_path)
         ready = {}
         for version, path in on_disk.items():
             if not os.path.exists(os.path.join(path, "saved_model.pb")):
                 self._seen.pop(version, None)
                 continue  # still being written: the Pusher copies saved_model.pb last
-            fp = _fingerprint(path)
-            settled = self._seen.get(version) == fp or (initial and self._is_old(fp, path))
+            fp = version_scan.fingerprint(path)
+            settled = self._seen.get(version) == fp or (initial and version_scan.is_old(fp))
             self._seen[version] = fp
             if self._failed.get(version) == fp:
                 continue  # failed before with exactly these files
@@ -262,25 +237,20 @@ class ModelManager:
         # Versions gone from disk are unloaded, as TF Serving does.
         for version in [v for v in self._servables if v not in on_disk]:
             self._unload(version)
-        wanted = sorted(set(ready) | set(self._servables), reverse=True)[:self.num_versions]
-        for version in sorted(wanted, reverse=True):
+        policy = self.policy   # one policy per scan: a config reload may replace it
+        for version in sorted(policy.select(set(ready) | set(self._servables)), reverse=True):
             if version not in self._servables:
                 self._load(version, ready[version])
-        loaded = sorted(self._servables, reverse=True)
-        for version in loaded[self.num_versions:]:
+        # After the loads: a version that failed to load never displaces a good one.
+        for version in sorted(set(self._servables) - policy.select(self._servables)):
             self._unload(version)
-
-    @staticmethod
-    def _is_old(fp: Tuple, path: str, seconds: float = 2.0) -> bool:
-        """At start-up there is no previous scan: files untouched for a while count as settled."""
-        newest = max((mtime for _, _, mtime in fp), default=0)
-        return time.time() - newest / 1e9 > seconds
 
     def _load(self, version: int, path: str) -> None:
         self._status[version] = VersionStatus(version, LOADING)
         started = time.monotonic()
         try:
             servable = load_servable(version, path, warmup=self.warmup)
+            servable.model_name = self.name
         except Exception as e:
             self._failed[version] = self._seen.get(version)
             message = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
@@ -309,8 +279,8 @@ class ModelManager:
 
     @staticmethod
     def _check_label(label: Optional[str]) -> None:
-        # No labels are configured (yet): every label is unknown, which TF Serving answers with
-        # INVALID_ARGUMENT (server_core.cc), not NOT_FOUND.
+        # A ModelManager alone has no labels (a ServerCore resolves them first): every label is unknown,
+        # which TF Serving answers with INVALID_ARGUMENT (server_core.cc), not NOT_FOUND.
         if label:
             raise invalid(f"Unrecognized servable version label: {label}")
 

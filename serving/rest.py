@@ -6,8 +6,10 @@ Routes (TF Serving's; the model's name and version go in the path):
 * ``GET  /v1/models/{name}[/versions/{v}]/metadata``  signatures
 * ``POST /v1/models/{name}[/versions/{v}]:predict``    row or columnar JSON
 
-(``/labels/{label}`` in place of ``/versions/{v}``: no labels are configured,
-so every label is unknown: 400, as TF Serving answers.)
+``/labels/{label}`` in place of ``/versions/{v}`` names a version by its label
+(``version_labels`` in the model config); an unknown label is a 400, as TF
+Serving answers.  ``manager`` is a ``ServerCore`` (several models, labels) or
+one ``ModelManager``.
 
 Errors are TF Serving's: ``{"error": "..."}`` with 400 for a bad request, 404
 for an unknown model or version.  The connection layer answers on its own:

@@ -29,14 +29,15 @@ def add_commands(sub) -> None:
                        description="Serves the versions the Pusher writes under --model-base-path. Runs "
                                    f"{TF_SERVING_BINARY} when it is on PATH, else a built-in server with "
                                    "the same API (for development).")
-    p.add_argument("--model-base-path", required=True, help="SERVING_DIR/MODEL_NAME (holds version folders)")
+    p.add_argument("--model-base-path", help="SERVING_DIR/MODEL_NAME (holds version folders); or "
+                                             "--model_config_file for several models")
     p.add_argument("--model-name", help="name clients use (default: the base path's folder name)")
     p.add_argument("--rest-port", type=int, default=8501, help="REST port; 0 turns REST off (default 8501)")
     p.add_argument("--grpc-port", type=int, default=8500, help="gRPC port; 0 turns gRPC off (default 8500)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address the built-in server binds (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--num-versions", type=int, default=2,
-                   help="latest versions kept available by number (default 2)")
+    p.add_argument("--num-versions", type=int,
+                   help="latest versions kept available by number (default 2; a config file says it per model)")
     p.add_argument("--poll-seconds", type=float, default=1.0,
                    help="how often the base path is checked for new versions (default 1)")
     p.add_argument("--max-instances", "--max-batch-size", dest="max_instances", type=int, default=1024,
@@ -57,6 +58,23 @@ def add_commands(sub) -> None:
                    help="built-in server: seconds a request may take to arrive once begun (default 60)")
     p.add_argument("--builtin", action="store_true",
                    help=f"use the built-in server even when {TF_SERVING_BINARY} is installed")
+    # Several models, version policies and labels: TF Serving's own flags and file format.
+    p.add_argument("--model_config_file", "--model-config-file", dest="model_config_file", metavar="FILE",
+                   help="TF Serving's text-format ModelServerConfig: several models, each with its "
+                        "model_version_policy and version_labels (instead of --model-base-path)")
+    p.add_argument("--model_config_file_poll_wait_seconds", "--model-config-file-poll-wait-seconds",
+                   dest="model_config_file_poll_wait_seconds", type=float, default=0.0, metavar="SECONDS",
+                   help="re-read --model_config_file this often and apply what changed (default 0: never)")
+    p.add_argument("--allow_version_labels_for_unavailable_models",
+                   "--allow-version-labels-for-unavailable-models", dest="allow_unavailable_labels",
+                   action="store_true", help="let a new label name a version that is not loaded yet (as TF "
+                                             "Serving's flag; needed for labels in the file at start-up)")
+    p.add_argument("--write-config", metavar="FILE",
+                   help="write the --model_config_file TF Serving needs for these models to FILE, print the "
+                        "docker run line that serves it, and exit")
+    p.add_argument("--config-root", metavar="DIR",
+                   help="with --write-config: the folder holding the models as the container sees it (e.g. "
+                        "/models); default: the host's paths, mounted at the same paths")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("predict", help="classify (or segment) images with a served model (REST or gRPC), "
@@ -86,16 +104,20 @@ def add_commands(sub) -> None:
 
 # ---------------------------------------------------------------- serve
 
-def check_serve_args(args) -> str:
-    """Refuses values the servers would choke on, one line each; returns the model's name."""
-    base = os.path.abspath(args.model_base_path)
-    if not os.path.isdir(base):
-        raise UserError(f"{base}: no such folder (the Pusher's SERVING_DIR/MODEL_NAME)")
-    name = args.model_name or os.path.basename(base.rstrip(os.sep))
-    problem = model_name_problem(name)
-    if problem:
-        given = "--model-name" if args.model_name else "--model-base-path's folder name (pass --model-name)"
-        raise UserError(f"{given}: {problem}")
+def check_serve_args(args):
+    """Refuses values the servers would choke on, one line each; returns the ``ModelSpec`` list to serve."""
+    from visiontune.serving import model_config
+
+    if bool(args.model_base_path) == bool(args.model_config_file):
+        raise UserError("pass --model-base-path SERVING_DIR/MODEL_NAME (one model) or --model_config_file FILE "
+                        "(several models, as TF Serving reads it)")
+    if args.model_config_file:
+        given = [o for o, v in (("--model-name", args.model_name), ("--num-versions", args.num_versions)) if v]
+        if given:
+            raise UserError(f"{', '.join(given)}: the --model_config_file says this per model")
+        _, specs = model_config.read(args.model_config_file)
+    else:
+        specs = [_single_model(args)]
     for option, value in (("--rest-port", args.rest_port), ("--grpc-port", args.grpc_port)):
         if not 0 <= value <= 65535:
             raise UserError(f"{option}: got {value}, expected a port in 1-65535 (0 turns this API off)")
@@ -106,41 +128,100 @@ def check_serve_args(args) -> str:
     if not (math.isfinite(args.poll_seconds) and args.poll_seconds > 0):
         raise UserError(f"--poll-seconds: got {args.poll_seconds:g}, expected a number of seconds > 0 "
                         "(0 would rescan the folder without pause)")
-    for option in ("num_versions", "max_instances", "max_body_bytes", "max_pixels", "inference_batch_size",
-                   "workers"):
+    wait = args.model_config_file_poll_wait_seconds
+    if not (math.isfinite(wait) and wait >= 0):
+        raise UserError(f"--model_config_file_poll_wait_seconds: got {wait:g}, expected a number of seconds "
+                        "(0: never re-read)")
+    if wait and not args.model_config_file:
+        raise UserError("--model_config_file_poll_wait_seconds: re-reads --model_config_file; pass one")
+    for option in ("max_instances", "max_body_bytes", "max_pixels", "inference_batch_size", "workers"):
         if getattr(args, option) < 1:
             raise UserError(f"--{option.replace('_', '-')}: got {getattr(args, option)}, expected an integer >= 1")
     for option in ("idle_timeout", "read_timeout"):
         value = getattr(args, option)
         if not (math.isfinite(value) and value > 0):
             raise UserError(f"--{option.replace('_', '-')}: got {value:g}, expected a number of seconds > 0")
-    return name
+    if args.config_root and not args.write_config:
+        raise UserError("--config-root: the folder written into --write-config's file; pass --write-config")
+    return specs
+
+
+def _single_model(args):
+    from visiontune.serving import model_config
+
+    base = os.path.abspath(args.model_base_path)
+    if not os.path.isdir(base):
+        raise UserError(f"{base}: no such folder (the Pusher's SERVING_DIR/MODEL_NAME)")
+    name = args.model_name or os.path.basename(base.rstrip(os.sep))
+    problem = model_name_problem(name)
+    if problem:
+        given = "--model-name" if args.model_name else "--model-base-path's folder name (pass --model-name)"
+        raise UserError(f"{given}: {problem}")
+    num_versions = 2 if args.num_versions is None else args.num_versions
+    if num_versions < 1:
+        raise UserError(f"--num-versions: got {num_versions}, expected an integer >= 1")
+    return model_config.single_model(name, base, num_versions)
+
+
+def _tf_serving_flags(args) -> list:
+    """TF Serving's own flags given to ``serve``, passed on to ``tensorflow_model_server`` as they are."""
+    flags = []
+    if args.allow_unavailable_labels:
+        flags.append("--allow_version_labels_for_unavailable_models")
+    if args.model_config_file_poll_wait_seconds:
+        flags.append(f"--model_config_file_poll_wait_seconds={max(1, round(args.model_config_file_poll_wait_seconds))}")
+    return flags
 
 
 def cmd_serve(args) -> int:
-    name = check_serve_args(args)
-    base = os.path.abspath(args.model_base_path)
+    specs = check_serve_args(args)
+    if args.write_config:
+        return write_config(args, specs)
     binary = None if args.builtin else shutil.which(TF_SERVING_BINARY)
     if binary:
-        command = tf_serving_command(binary, name, args.model_base_path, grpc_port=args.grpc_port,
-                                     rest_port=args.rest_port, num_versions=args.num_versions,
-                                     poll_seconds=args.poll_seconds)
+        spec = specs[0]
+        command = tf_serving_command(binary, spec.name, spec.base_path, grpc_port=args.grpc_port,
+                                     rest_port=args.rest_port, num_versions=spec.policy.num_versions,
+                                     poll_seconds=args.poll_seconds, config_file=args.model_config_file,
+                                     extra=_tf_serving_flags(args))
         print(f"running TF Serving: {' '.join(command)}", flush=True)
         if args.host not in ("127.0.0.1", "0.0.0.0"):
             print("note: tensorflow_model_server listens on all interfaces; --host is ignored",
                   file=sys.stderr)
         os.execv(binary, command)
-    return serve_builtin(args, base, name)
+    return serve_builtin(args, specs)
 
 
-def serve_builtin(args, base: str, name: str) -> int:
-    from visiontune.serving.model_server import Limits, ModelManager
+def write_config(args, specs) -> int:
+    """``--write-config FILE``: TF Serving's config for ``specs``, and the ``docker run`` line that serves it."""
+    from visiontune.serving import model_config
+    from visiontune.serving.tf_serving import container_paths, docker_command
+
+    try:
+        paths = container_paths(specs, args.config_root) if args.config_root else None
+    except ValueError as e:
+        raise UserError(f"--config-root: {e}; write the config without --config-root") from None
+    try:
+        model_config.write(model_config.build(specs, paths), args.write_config)
+    except OSError as e:
+        raise UserError(f"--write-config {args.write_config}: cannot be written: {e.strerror or e}") from None
+    print(f"wrote {args.write_config} ({len(specs)} model(s)); serve it with TF Serving:", flush=True)
+    print(docker_command(specs, os.path.abspath(args.write_config), root=args.config_root,
+                         flags=_tf_serving_flags(args), grpc_port=args.grpc_port or 8500,
+                         rest_port=args.rest_port or 8501), flush=True)
+    return 0
+
+
+def serve_builtin(args, specs) -> int:
+    from visiontune.serving import model_config
+    from visiontune.serving.model_server import Limits, ServingError
+    from visiontune.serving.server_core import ServerCore
 
     limits = Limits(max_instances=args.max_instances, max_body_bytes=args.max_body_bytes,
                     max_pixels=args.max_pixels, inference_batch_size=args.inference_batch_size,
                     workers=args.workers, idle_timeout=args.idle_timeout, read_timeout=args.read_timeout)
-    manager = ModelManager(name, base, num_versions=args.num_versions, poll_seconds=args.poll_seconds,
-                           limits=limits)
+    manager = ServerCore(limits, poll_seconds=args.poll_seconds,
+                         allow_version_labels_for_unavailable_models=args.allow_unavailable_labels)
     servers = []
     try:
         if args.rest_port:
@@ -159,12 +240,25 @@ def serve_builtin(args, base: str, name: str) -> int:
         raise UserError(f"{what} cannot listen on {args.host} port {port}: "
                         f"{e.strerror or e}") from None
     # Ports first (a port in use is refused at once), then the versions on disk.
-    manager.start(wait_seconds=max(30.0, 3 * args.poll_seconds))
-    versions = manager.versions()
+    try:
+        manager.reload(model_config.build(specs), wait_seconds=max(30.0, 3 * args.poll_seconds))
+    except ServingError as e:
+        for server in servers:
+            server.stop()
+        manager.stop()
+        where = f"--model_config_file {args.model_config_file}" if args.model_config_file else "serve"
+        hint = (" (start with --allow_version_labels_for_unavailable_models, as TF Serving needs, or add the "
+                "label with a config reload once the version is AVAILABLE)" if e.code == "FAILED_PRECONDITION"
+                else "")
+        raise UserError(f"{where}: {e.message}{hint}") from None
+    if args.model_config_file_poll_wait_seconds:
+        manager.watch(args.model_config_file, args.model_config_file_poll_wait_seconds)
     where = ", ".join(f"REST {s.url}" if hasattr(s, "url") else f"gRPC {s.target}" for s in servers)
     why = "--builtin" if args.builtin else f"no {TF_SERVING_BINARY} on PATH"
-    print(f"built-in model server ({why}): model {name!r} from {base}, "
-          f"versions {versions or 'none yet (waiting for a push)'}; {where}", flush=True)
+    models = "; ".join(f"model {s.name!r} from {s.base_path}, versions "
+                       f"{manager.models()[s.name] or 'none yet (waiting for a push)'}"
+                       + (f", labels {dict(s.labels)}" if s.labels else "") for s in specs)
+    print(f"built-in model server ({why}): {models}; {where}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
