@@ -388,11 +388,13 @@ class ModelManager:
         """Pixels per instance, from the image headers (raises INVALID_ARGUMENT over ``max_pixels``).
 
         Images travel as ``image_bytes`` or inside the ``image`` feature of
-        serialized ``tf.Example``s (``examples``); None when there are none.
+        serialized ``tf.Example``s (``examples``; ``inputs`` of the classification
+        signature); None when there are none.
         """
         limit = self.limits.max_pixels
         images = arrays.get(features.IMAGE_BYTES_INPUT)
-        examples = arrays.get(features.EXAMPLES_INPUT)
+        examples_key = features.EXAMPLES_INPUT if features.EXAMPLES_INPUT in arrays else features.CLASSIFY_INPUTS
+        examples = arrays.get(examples_key)
         if images is None and examples is None:
             return None
         counts: List[int] = []
@@ -403,7 +405,7 @@ class ModelManager:
             from tensorflow.core.example import example_pb2
 
             for i, data in enumerate(examples):
-                where = f"{features.EXAMPLES_INPUT}[{i}]"
+                where = f"{examples_key}[{i}]"
                 example = example_pb2.Example()
                 try:
                     # A message parses to its last byte; the C++ parser stops early on some garbage.
