@@ -137,7 +137,7 @@ def _fingerprint(path: str) -> Tuple:
 
 
 def load_servable(version: int, path: str, warmup: bool = True) -> Servable:
-    """Loads a SavedModel version as TF Serving would (tag ``serve``), then warms it up."""
+    """Loads a SavedModel version as TF Serving would (tag ``serve``), then warms it up (``serving/warmup.py``)."""
     import tensorflow as tf
     from tensorflow.python.saved_model import loader_impl
 
@@ -157,26 +157,12 @@ def load_servable(version: int, path: str, warmup: bool = True) -> Servable:
     defs = {k: v for k, v in meta_graph.signature_def.items() if k in signatures}
     servable = Servable(version, path, model, signatures, defs)
     if warmup:
-        _warm_up(servable)
+        # The model's assets.extra/tf_serving_warmup_requests, as TF Serving replays them (a failing one
+        # fails the load); before the caller makes the version AVAILABLE.
+        from visiontune.serving import warmup as warmup_lib
+
+        warmup_lib.warm_up(servable)
     return servable
-
-
-def _warm_up(servable: Servable) -> None:
-    """Runs one tiny request so the first client does not pay for graph initialisation.
-
-    (TF Serving reads ``assets.extra/tf_serving_warmup_requests`` for this; our
-    models have a known input, one encoded image.)
-    """
-    import tensorflow as tf
-
-    sig = servable.signatures.get(features.SERVING_DEFAULT)
-    if sig is None or list(sig.inputs) != [features.IMAGE_BYTES_INPUT]:
-        return
-    try:
-        png = tf.io.encode_png(tf.zeros([8, 8, 3], tf.uint8))
-        sig.function(image_bytes=tf.reshape(png, [1]))
-    except Exception as e:  # a warm-up failure is not a load failure
-        log.warning("version %d: warm-up failed: %s", servable.version, e)
 
 
 class ModelManager:
