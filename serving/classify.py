@@ -61,7 +61,10 @@ def _add_value(feature, name: str, value) -> None:
     if isinstance(value, dict):
         kind, add = "bytes_list", tensors.decode_b64(value)
     elif isinstance(value, str):
-        kind, add = "bytes_list", value.encode("utf-8")
+        try:
+            kind, add = "bytes_list", value.encode("utf-8")
+        except UnicodeEncodeError:   # a lone surrogate ("\ud800") that JSON let through
+            raise invalid(f"Feature: {name} has a string that is not valid Unicode") from None
     elif isinstance(value, bool) or value is None or isinstance(value, list):
         raise invalid(f"Feature: {name} has element with unexpected JSON type: {_json_type(value)}")
     elif isinstance(value, int):
