@@ -7,8 +7,28 @@
   outputs, for the Evaluator and batch prediction.
 * ``transform_features``: serialized ``tf.Example`` -> transformed features with
   the integer label, which TFMA applies before computing metrics.
+* ``classification``: TF Serving's classification SignatureDef (method
+  ``tensorflow/serving/classify``, what gRPC ``Classify``/``MultiInference`` and
+  REST ``:classify`` require): serialized ``tf.Example`` ``inputs`` -> ``classes``
+  (names) and ``scores`` (probabilities), both ``[batch, number of classes]``,
+  every class best first (k = all: the lists are short, and a client keeps the
+  first k it wants).
 
-All three run the Transform graph (``tft_layer``): there is one decode/resize.
+All of them run the Transform graph (``tft_layer``): there is one decode/resize.
+
+Why ``classification`` and not ``serving_default``: TF Serving's ``Classify``
+without a signature name uses ``serving_default`` and requires it to be a
+classify-method signature with one input named ``inputs`` (serialized
+``tf.Example``).  Making ``serving_default`` that would break every client of
+today's ``serving_default`` (``visiontune predict``, REST/gRPC predict with
+``image_bytes``), so classify clients name the signature (``signature_name:
+"classification"``); the name is the one TF Estimators gave their
+classification signature.  TF2's saver writes method ``tensorflow/serving/predict``
+for every signature (``tf.saved_model.save`` has no method argument,
+tensorflow#38081), so :func:`set_method_names` rewrites the method in
+``saved_model.pb`` after saving, as TF's own
+``tf.compat.v1.saved_model.signature_def_utils.MethodNameUpdater`` does, but
+atomically, and refreshes ``fingerprint.pb`` to match.
 
 Segmentation models (``task: segmentation``) answer the same two prediction
 signatures with:
@@ -21,7 +41,9 @@ signatures with:
 * ``class_ids``: ``[batch, s, s]`` arg-max class per pixel (what TFMA scores).
 
 and ``transform_features`` gives the ground-truth ``mask_ids`` (void =
-``features.VOID_ID``).
+``features.VOID_ID``).  They have no ``classification`` signature (a mask is
+not a class list): ``Classify`` answers TF Serving's "Expected classification
+signature method_name" error.
 """
 
 from __future__ import annotations
@@ -81,6 +103,24 @@ def _signatures(model: tf_keras.Model, tf_transform_output: tft.TFTransformOutpu
     }
 
 
+def _classification_signature(model: tf_keras.Model, tf_transform_output: tft.TFTransformOutput,
+                              predict_transformed: Callable, class_names: tf.Tensor
+                              ) -> tf.types.experimental.ConcreteFunction:
+    """TF Serving's classification signature: every class, best first (see the module docstring)."""
+    serving_spec = {k: v for k, v in tf_transform_output.raw_feature_spec().items() if k == features.IMAGE_KEY}
+    num_classes = int(class_names.shape[0])
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=features.CLASSIFY_INPUTS)])
+    def classify(inputs):
+        outputs = predict_transformed(model.tft_layer(tf.io.parse_example(inputs, serving_spec)))
+        # TF Serving requires DT_FLOAT scores (a mixed-precision head may give float16).
+        probabilities = tf.cast(outputs[features.PROBABILITIES_OUTPUT], tf.float32)
+        scores, ids = tf.math.top_k(probabilities, k=num_classes)
+        return {features.CLASSES_OUTPUT: tf.gather(class_names, ids), features.SCORES_OUTPUT: scores}
+
+    return classify.get_concrete_function()
+
+
 def make_signatures(model: tf_keras.Model, tf_transform_output: tft.TFTransformOutput,
                     classes: Sequence[str], image_size: int) -> Dict[str, tf.types.experimental.ConcreteFunction]:
     class_names = tf.constant(list(classes), tf.string)
@@ -89,8 +129,33 @@ def make_signatures(model: tf_keras.Model, tf_transform_output: tft.TFTransformO
         pixels = transform.decode_pixels(transformed[features.PIXELS_KEY], image_size)
         return _outputs(model(pixels, training=False), class_names)
 
-    return _signatures(model, tf_transform_output, predict_transformed,
-                       lambda transformed: {features.LABEL_ID_KEY: transformed[features.LABEL_ID_KEY]})
+    signatures = _signatures(model, tf_transform_output, predict_transformed,
+                             lambda transformed: {features.LABEL_ID_KEY: transformed[features.LABEL_ID_KEY]})
+    signatures[features.CLASSIFY_SIGNATURE] = _classification_signature(
+        model, tf_transform_output, predict_transformed, class_names)
+    return signatures
+
+
+# Signatures whose SignatureDef method is not the saver's tensorflow/serving/predict.
+METHODS = {features.CLASSIFY_SIGNATURE: features.CLASSIFY_METHOD}
+
+
+def set_method_names(export_dir: str, methods: Dict[str, str]) -> None:
+    """Sets the SignatureDef methods the saver cannot, in ``saved_model.pb`` (replaced atomically)."""
+    from tensorflow.python.saved_model import fingerprinting_utils, loader_impl
+
+    saved_model = loader_impl.parse_saved_model(export_dir)
+    for meta_graph in saved_model.meta_graphs:
+        for name, method in methods.items():
+            if name in meta_graph.signature_def:
+                meta_graph.signature_def[name].method_name = method
+    path = os.path.join(export_dir, "saved_model.pb")
+    tmp = f"{path}.tmp-{os.getpid()}"   # gfile, not os: the export dir may be a bucket
+    with tf.io.gfile.GFile(tmp, "wb") as f:
+        f.write(saved_model.SerializeToString(deterministic=True))
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+    # fingerprint.pb holds a checksum of saved_model.pb: keep it true (TF writes it only at save).
+    fingerprinting_utils.write_fingerprint(export_dir)
 
 
 def segmentation_outputs(probabilities: tf.Tensor, heights: tf.Tensor, widths: tf.Tensor,
@@ -144,6 +209,9 @@ def export_saved_model(model: tf_keras.Model, tf_transform_output: tft.TFTransfo
     else:
         signatures = make_signatures(model, tf_transform_output, classes, image_size)
     model.save(export_dir, save_format="tf", signatures=signatures, include_optimizer=False)
+    methods = {k: v for k, v in METHODS.items() if k in signatures}
+    if methods:
+        set_method_names(export_dir, methods)
     extra = os.path.join(export_dir, features.METADATA_DIR)
     tf.io.gfile.makedirs(extra)
     with tf.io.gfile.GFile(os.path.join(extra, features.CLASSES_FILE), "w") as f:

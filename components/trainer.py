@@ -46,6 +46,7 @@ from visiontune.components import (
     tflite_export,
     training_state,
     transform,
+    warmup_requests,
 )
 
 log = logging.getLogger(__name__)
@@ -414,6 +415,9 @@ def run_fn(fn_args) -> None:
         metadata["class_values"] = [list(v) for v in segmentation.class_values]
     signatures.export_saved_model(model, tf_transform_output, classes, size,
                                   fn_args.serving_model_dir, metadata, segmentation)
+    # Real eval images as TF Serving warm-up requests (components/warmup_requests.py).
+    warmup_requests.write_warmup_requests(fn_args.serving_model_dir, fn_args.eval_files, size,
+                                          classification=segmentation is None)
     tflite_export.export_tflite(model, fn_args.serving_model_dir, classes, size, config.export.tflite,
                                 fn_args.train_files, config.export.calibration_images, segmentation)
     # The finished model is exported: the resume state is no longer needed.

@@ -148,7 +148,8 @@ def create_pipeline(
         "config": config_dict,
         "state_root": trainer_state_root or os.path.join(pipeline_root, "trainer_state"),
         "code_version": code_fingerprint("transform", "trainer", "training_state", "model", "backbones",
-                                         "signatures", "strategy", "segmentation_model", "tflite_export"),
+                                         "signatures", "strategy", "segmentation_model", "tflite_export",
+                                         "warmup_requests"),
     }
     if classes is not None:
         trainer_config["classes"] = classes

@@ -1,6 +1,7 @@
 """TF Serving's gRPC API over the built-in model server (protos from ``tensorflow-serving-api``).
 
-Implements what clients call: ``PredictionService/Predict``,
+Implements what clients call: ``PredictionService/Predict``, ``Classify``,
+``Regress``, ``MultiInference`` (``serving/classify.py``),
 ``PredictionService/GetModelMetadata``, ``ModelService/GetModelStatus`` and
 ``ModelService/HandleReloadConfigRequest`` (a new ``ModelServerConfig``, live).
 Other methods answer UNIMPLEMENTED (the generated base servicer's default).
@@ -33,8 +34,8 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from visiontune.serving import tensors
-from visiontune.serving.model_server import ModelManager, ServingError
+from visiontune.serving import classify, tensors
+from visiontune.serving.model_server import ModelManager, ServingError, invalid
 
 log = logging.getLogger("visiontune.serving")
 
@@ -76,6 +77,29 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         except Exception as e:  # keep serving; report what happened
             log.exception("Predict failed")
             context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+    def _answer(self, name: str, spec, build, request, context):
+        """Classify/Regress/MultiInference: the servable ``spec`` names, ``build``'s response, TF Serving's codes."""
+        try:
+            return build(self.manager, self.manager.servable(*_spec(spec)), request)
+        except ServingError as e:
+            _abort(context, e)
+        except Exception as e:  # keep serving; report what happened
+            log.exception("%s failed", name)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+    def Classify(self, request, context):
+        return self._answer("Classify", request.model_spec, classify.classification_response, request, context)
+
+    def Regress(self, request, context):
+        return self._answer("Regress", request.model_spec, classify.regression_response, request, context)
+
+    def MultiInference(self, request, context):
+        if not request.tasks:
+            _abort(context, invalid("MultiInferenceRequest has no tasks"))
+        # The first task's ModelSpec picks the servable, as in TF Serving (multi_inference_helper.cc).
+        return self._answer("MultiInference", request.tasks[0].model_spec, classify.multi_inference_response,
+                            request, context)
 
     def GetModelMetadata(self, request, context):
         try:

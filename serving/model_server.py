@@ -125,7 +125,7 @@ class VersionStatus:
 
 
 def load_servable(version: int, path: str, warmup: bool = True) -> Servable:
-    """Loads a SavedModel version as TF Serving would (tag ``serve``), then warms it up."""
+    """Loads a SavedModel version as TF Serving would (tag ``serve``), then warms it up (``serving/warmup.py``)."""
     import tensorflow as tf
     from tensorflow.python.saved_model import loader_impl
 
@@ -145,26 +145,12 @@ def load_servable(version: int, path: str, warmup: bool = True) -> Servable:
     defs = {k: v for k, v in meta_graph.signature_def.items() if k in signatures}
     servable = Servable(version, path, model, signatures, defs)
     if warmup:
-        _warm_up(servable)
+        # The model's assets.extra/tf_serving_warmup_requests, as TF Serving replays them (a failing one
+        # fails the load); before the caller makes the version AVAILABLE.
+        from visiontune.serving import warmup as warmup_lib
+
+        warmup_lib.warm_up(servable)
     return servable
-
-
-def _warm_up(servable: Servable) -> None:
-    """Runs one tiny request so the first client does not pay for graph initialisation.
-
-    (TF Serving reads ``assets.extra/tf_serving_warmup_requests`` for this; our
-    models have a known input, one encoded image.)
-    """
-    import tensorflow as tf
-
-    sig = servable.signatures.get(features.SERVING_DEFAULT)
-    if sig is None or list(sig.inputs) != [features.IMAGE_BYTES_INPUT]:
-        return
-    try:
-        png = tf.io.encode_png(tf.zeros([8, 8, 3], tf.uint8))
-        sig.function(image_bytes=tf.reshape(png, [1]))
-    except Exception as e:  # a warm-up failure is not a load failure
-        log.warning("version %d: warm-up failed: %s", servable.version, e)
 
 
 class ModelManager:
@@ -358,11 +344,13 @@ class ModelManager:
         """Pixels per instance, from the image headers (raises INVALID_ARGUMENT over ``max_pixels``).
 
         Images travel as ``image_bytes`` or inside the ``image`` feature of
-        serialized ``tf.Example``s (``examples``); None when there are none.
+        serialized ``tf.Example``s (``examples``; ``inputs`` of the classification
+        signature); None when there are none.
         """
         limit = self.limits.max_pixels
         images = arrays.get(features.IMAGE_BYTES_INPUT)
-        examples = arrays.get(features.EXAMPLES_INPUT)
+        examples_key = features.EXAMPLES_INPUT if features.EXAMPLES_INPUT in arrays else features.CLASSIFY_INPUTS
+        examples = arrays.get(examples_key)
         if images is None and examples is None:
             return None
         counts: List[int] = []
@@ -373,7 +361,7 @@ class ModelManager:
             from tensorflow.core.example import example_pb2
 
             for i, data in enumerate(examples):
-                where = f"{features.EXAMPLES_INPUT}[{i}]"
+                where = f"{examples_key}[{i}]"
                 example = example_pb2.Example()
                 try:
                     # A message parses to its last byte; the C++ parser stops early on some garbage.

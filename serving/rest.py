@@ -5,6 +5,8 @@ Routes (TF Serving's; the model's name and version go in the path):
 * ``GET  /v1/models/{name}[/versions/{v}]``           version status
 * ``GET  /v1/models/{name}[/versions/{v}]/metadata``  signatures
 * ``POST /v1/models/{name}[/versions/{v}]:predict``    row or columnar JSON
+* ``POST /v1/models/{name}[/versions/{v}]:classify``   ``{"examples": [...]}`` (``serving/classify.py``)
+* ``POST /v1/models/{name}[/versions/{v}]:regress``    the same; our models have no regression signature
 
 ``/labels/{label}`` in place of ``/versions/{v}`` names a version by its label
 (``version_labels`` in the model config); an unknown label is a 400, as TF
@@ -50,7 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from typing import Dict, Optional, Tuple
 
-from visiontune.serving import tensors
+from visiontune.serving import classify, tensors
 from visiontune.serving.model_server import ModelManager, ServingError, invalid
 
 log = logging.getLogger("visiontune.serving")
@@ -91,14 +93,7 @@ def metadata_json(manager: ModelManager, name: str, version: Optional[int], labe
 
 def predict_json(manager: ModelManager, name: str, version: Optional[int], label: Optional[str],
                  body: bytes):
-    try:
-        request = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise invalid(f"JSON Parse error: {e}") from None
-    except RecursionError:
-        raise invalid("JSON Parse error: nested too deeply") from None
-    if not isinstance(request, dict):
-        raise invalid("JSON Parse error: the request body must be a JSON object")
+    request = tensors.parse_json_body(body)
     servable = manager.servable(name, version, label)
     signature_name = request.get("signature_name")
     if signature_name is not None and not isinstance(signature_name, str):
@@ -127,10 +122,11 @@ def handle(manager: ModelManager, method: str, target: str, body: bytes) -> Tupl
             if match["metadata"]:
                 return 200, metadata_json(manager, match["name"], version, label)
             return 200, status_json(manager, match["name"], version, label)
+        if api_method == "classify":
+            return 200, classify.classify_json(manager, match["name"], version, label, body)
+        if api_method == "regress":
+            return 200, classify.regress_json(manager, match["name"], version, label, body)
         if api_method != "predict":
-            if api_method in ("classify", "regress"):
-                raise ServingError("UNIMPLEMENTED", f"the built-in server implements :predict only, "
-                                                    f"not :{api_method}")
             raise invalid(f"Malformed request: POST {path}")
         return 200, predict_json(manager, match["name"], version, label, body)
     except ServingError as e:

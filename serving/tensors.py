@@ -28,7 +28,23 @@ ROW, COLUMNAR = "row", "columnar"
 
 # ---------------------------------------------------------------- JSON -> numpy
 
-def _b64(obj: Mapping) -> bytes:
+def parse_json_body(body: bytes) -> Dict[str, Any]:
+    """A REST request body -> its JSON object (TF Serving's "JSON Parse error" otherwise)."""
+    import json
+
+    try:
+        request = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise invalid(f"JSON Parse error: {e}") from None
+    except RecursionError:
+        raise invalid("JSON Parse error: nested too deeply") from None
+    if not isinstance(request, dict):
+        raise invalid("JSON Parse error: the request body must be a JSON object")
+    return request
+
+
+def decode_b64(obj: Mapping) -> bytes:
+    """``{"b64": "..."}`` -> its bytes (padding optional, as TF Serving accepts)."""
     value = obj.get("b64")
     if len(obj) != 1 or not isinstance(value, str):
         raise invalid('a binary value must be an object {"b64": "<base64 string>"} and nothing else')
@@ -49,7 +65,7 @@ def _strings(value: Any):
     if isinstance(value, str):
         return value.encode("utf-8")
     if _is_b64(value):
-        return _b64(value)
+        return decode_b64(value)
     raise invalid(f"expected a string or {{\"b64\": ...}} for a string input, got {type(value).__name__}: "
                   f"{str(value)[:50]}")
 

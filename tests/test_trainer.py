@@ -38,7 +38,8 @@ def test_export_has_tf_serving_layout_and_metadata(exported):
     model_dir = exported.serving_model_dir
     assert os.path.exists(os.path.join(model_dir, "saved_model.pb"))
     loaded = tf.saved_model.load(model_dir)
-    assert set(loaded.signatures) == {"serving_default", "serving_examples", "transform_features"}
+    assert set(loaded.signatures) == {"serving_default", "serving_examples", "transform_features",
+                                      "classification"}
     meta = signatures.read_metadata(model_dir)
     assert meta["classes"] == SHAPE_CLASSES and meta["image_size"] == 32
     history = json.load(open(os.path.join(exported.model_run_dir, features.HISTORY_FILE)))

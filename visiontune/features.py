@@ -31,6 +31,13 @@ SERVING_EXAMPLES = "serving_examples"  # serialized tf.Example in
 TRANSFORM_FEATURES = "transform_features"  # serialized tf.Example -> transformed features (TFMA)
 IMAGE_BYTES_INPUT = "image_bytes"  # "_bytes": REST clients send it as {"b64": ...}
 EXAMPLES_INPUT = "examples"
+# TF Serving's classification SignatureDef (Classify, :classify): method, input and output keys are
+# TF Serving's own (signature_constants); serialized tf.Example in, every class best first out.
+CLASSIFY_SIGNATURE = "classification"
+CLASSIFY_METHOD = "tensorflow/serving/classify"
+PREDICT_METHOD = "tensorflow/serving/predict"
+REGRESS_METHOD = "tensorflow/serving/regress"
+CLASSIFY_INPUTS = "inputs"  # serialized tf.Example [batch]
 
 # Signature outputs.
 CLASSES_OUTPUT = "classes"  # top class name
@@ -44,11 +51,12 @@ FOREGROUND_PROBABILITY_OUTPUT = "foreground_probability"
 CLASSES_FILE = "classes.txt"  # one class name a line: the one class order
 REJECTS_FILE = "rejects.csv"  # file, reason: every input image not in the output
 SUMMARY_FILE = "summary.json"  # what ingest wrote, per split and class
-METADATA_DIR = "assets.extra"  # inside a SavedModel: read by clients, ignored by TF Serving
+METADATA_DIR = "assets.extra"  # inside a SavedModel: read by clients; TF Serving reads only its warm-up file
 MODEL_METADATA_FILE = "visiontune.json"  # in METADATA_DIR: backbone, input size, classes
 TFLITE_DIR = "tflite"  # in METADATA_DIR: the TensorFlow Lite models, pushed with the SavedModel
 TFLITE_VARIANTS = ("float16", "int8")  # export.tflite's choices, in the order they are written
 TFLITE_FILES = {"float16": "model_float16.tflite", "int8": "model_int8.tflite"}  # in TFLITE_DIR
+WARMUP_REQUESTS_FILE = "tf_serving_warmup_requests"  # in METADATA_DIR: TF Serving replays it at load
 TFLITE_METADATA_FILE = "tflite.json"  # in TFLITE_DIR: input, quantisation, outputs, classes
 TFLITE_INPUT = "image"  # the TFLite models' one input: uint8 RGB pixels [1, size, size, 3]
 HISTORY_FILE = "history.json"  # the Trainer's per-epoch metrics
