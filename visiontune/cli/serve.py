@@ -57,6 +57,7 @@ def add_commands(sub) -> None:
                    help="built-in server: seconds a request may take to arrive once begun (default 60)")
     p.add_argument("--builtin", action="store_true",
                    help=f"use the built-in server even when {TF_SERVING_BINARY} is installed")
+    add_metrics_and_batching_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("predict", help="classify (or segment) images with a served model (REST or gRPC), "
@@ -82,6 +83,90 @@ def add_commands(sub) -> None:
                                        "(IMAGE_STEM_mask.png)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_predict)
+
+
+# ---------------------------------------------------------------- serve: metrics and batching
+
+def add_metrics_and_batching_flags(p) -> None:
+    """TF Serving's own flags and files; both servers read them (the real one gets them passed on)."""
+    p.add_argument("--enable_batching", action="store_true",
+                   help="merge concurrent requests into one model call (TF Serving's flag; settings from "
+                        "--batching_parameters_file)")
+    p.add_argument("--batching_parameters_file", metavar="FILE",
+                   help="TF Serving's text-format BatchingParameters (max_batch_size { value: 8 }, "
+                        "batch_timeout_micros { value: 2000 }, num_batch_threads { value: 2 }, ...); "
+                        "default: max_batch_size = --inference-batch-size, no timeout, one thread per core")
+    p.add_argument("--monitoring_config_file", metavar="FILE",
+                   help="TF Serving's text-format MonitoringConfig: prometheus_config { enable: true, path: "
+                        '"..." }. Default for the built-in server: metrics on at /monitoring/prometheus/metrics '
+                        "on the REST port")
+    p.add_argument("--write-batching-config", metavar="FILE",
+                   help="write the batching parameters in effect (the file's, or the defaults spelled out) "
+                        f"for {TF_SERVING_BINARY} --batching_parameters_file, and exit")
+    p.add_argument("--write-monitoring-config", metavar="FILE",
+                   help=f"write a --monitoring_config_file for {TF_SERVING_BINARY} that turns on the same "
+                        "metrics endpoint, and exit")
+
+
+def check_metrics_and_batching_args(args) -> None:
+    """Reads the batching and monitoring files once (bad ones: one line, exit 2); sets args.batching/monitoring."""
+    from visiontune.serving import batching, metrics
+
+    if args.batching_parameters_file and not (args.enable_batching or args.write_batching_config):
+        raise UserError("--batching_parameters_file is read only with --enable_batching (as in TF Serving)")
+    try:
+        args.batching = batching.read_parameters(args.batching_parameters_file, args.inference_batch_size)
+    except ValueError as e:
+        raise UserError(f"--batching_parameters_file {e}") from None
+    try:
+        args.monitoring = metrics.read_monitoring_config(args.monitoring_config_file)
+    except ValueError as e:
+        raise UserError(f"--monitoring_config_file {e}") from None
+
+
+def _write_atomically(path: str, text: str) -> None:
+    path = os.path.abspath(path)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"{path}: cannot write it: {e.strerror or e}") from None
+
+
+def write_tf_serving_files(args) -> list:
+    """--write-batching-config / --write-monitoring-config: writes them; the flags that pass them to TF Serving."""
+    from visiontune.serving import batching, metrics
+
+    flags = []
+    if args.write_batching_config:
+        _write_atomically(args.write_batching_config, batching.to_text(args.batching))
+        flags += ["--enable_batching=true", f"--batching_parameters_file={os.path.abspath(args.write_batching_config)}"]
+    if args.write_monitoring_config:
+        _write_atomically(args.write_monitoring_config, metrics.monitoring_config_text(*args.monitoring))
+        flags.append(f"--monitoring_config_file={os.path.abspath(args.write_monitoring_config)}")
+    return flags
+
+
+def tf_serving_flags(args) -> list:
+    """The batching and monitoring flags for tensorflow_model_server: the user's files, or metrics on as ours."""
+    import tempfile
+
+    from visiontune.serving import metrics
+
+    flags = []
+    if args.enable_batching:
+        flags.append("--enable_batching=true")
+        if args.batching_parameters_file:
+            flags.append(f"--batching_parameters_file={os.path.abspath(args.batching_parameters_file)}")
+    monitoring = args.monitoring_config_file
+    if monitoring is None:   # TF Serving's metrics are off by default; `visiontune serve` turns them on for both
+        monitoring = os.path.join(tempfile.mkdtemp(prefix="visiontune-monitoring-"), "monitoring.config")
+        _write_atomically(monitoring, metrics.monitoring_config_text(*args.monitoring))
+    return flags + [f"--monitoring_config_file={os.path.abspath(monitoring)}"]
 
 
 # ---------------------------------------------------------------- serve
@@ -114,17 +199,22 @@ def check_serve_args(args) -> str:
         value = getattr(args, option)
         if not (math.isfinite(value) and value > 0):
             raise UserError(f"--{option.replace('_', '-')}: got {value:g}, expected a number of seconds > 0")
+    check_metrics_and_batching_args(args)
     return name
 
 
 def cmd_serve(args) -> int:
     name = check_serve_args(args)
     base = os.path.abspath(args.model_base_path)
+    written = write_tf_serving_files(args)
+    if written:
+        print(f"wrote; pass to {TF_SERVING_BINARY}: {' '.join(written)}")
+        return 0
     binary = None if args.builtin else shutil.which(TF_SERVING_BINARY)
     if binary:
         command = tf_serving_command(binary, name, args.model_base_path, grpc_port=args.grpc_port,
                                      rest_port=args.rest_port, num_versions=args.num_versions,
-                                     poll_seconds=args.poll_seconds)
+                                     poll_seconds=args.poll_seconds) + tf_serving_flags(args)
         print(f"running TF Serving: {' '.join(command)}", flush=True)
         if args.host not in ("127.0.0.1", "0.0.0.0"):
             print("note: tensorflow_model_server listens on all interfaces; --host is ignored",
@@ -141,6 +231,11 @@ def serve_builtin(args, base: str, name: str) -> int:
                     workers=args.workers, idle_timeout=args.idle_timeout, read_timeout=args.read_timeout)
     manager = ModelManager(name, base, num_versions=args.num_versions, poll_seconds=args.poll_seconds,
                            limits=limits)
+    manager.metrics.enabled, manager.metrics.path = args.monitoring
+    if args.enable_batching:
+        from visiontune.serving.batching import Batcher
+
+        manager.batcher = Batcher(args.batching)
     servers = []
     try:
         if args.rest_port:
@@ -162,6 +257,10 @@ def serve_builtin(args, base: str, name: str) -> int:
     manager.start(wait_seconds=max(30.0, 3 * args.poll_seconds))
     versions = manager.versions()
     where = ", ".join(f"REST {s.url}" if hasattr(s, "url") else f"gRPC {s.target}" for s in servers)
+    if args.rest_port and manager.metrics.enabled:
+        where += f", metrics {servers[0].url}{manager.metrics.path}"
+    if args.enable_batching:
+        where += f", batching (max_batch_size {args.batching.max_batch_size})"
     why = "--builtin" if args.builtin else f"no {TF_SERVING_BINARY} on PATH"
     print(f"built-in model server ({why}): model {name!r} from {base}, "
           f"versions {versions or 'none yet (waiting for a push)'}; {where}", flush=True)
@@ -171,6 +270,7 @@ def serve_builtin(args, base: str, name: str) -> int:
     stop.wait()
     for server in servers:
         server.stop()
+    manager.batcher.stop()
     manager.stop()
     return 0
 
