@@ -31,6 +31,7 @@ setup(
         # Beam 2.74 made dill optional, but TensorFlow Transform imports it.
         "dill",
         "tensorflow-serving-api==2.16.1",
+        "prometheus-client",  # the model server's /monitoring/prometheus/metrics
         "pillow",
         "pyyaml",
         "tqdm",

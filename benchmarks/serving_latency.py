@@ -18,12 +18,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import os
-import random
 import shlex
-import socket
-import subprocess
 import sys
 import time
 
@@ -31,6 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import _perf_common as common  # noqa: E402
+from _serving_clients import client_loop, free_port, images, start_server, wait_ready  # noqa: E402
 
 MARKER = "<!-- serving_latency rows -->"
 SECTION = f"""
@@ -50,45 +47,6 @@ Target: REST single-image p50 <= 1.5x the in-process call.
 |---|---|---|---|---|---|---|---|---|---|---|---|
 {MARKER}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def images(size: int, n: int, seed: int = 0):
-    """Encoded PNGs of simple shapes (real images compress like photos of signs do, not like noise)."""
-    from PIL import Image, ImageDraw
-
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        image = Image.new("RGB", (size, size), tuple(rng.randrange(0, 256) for _ in range(3)))
-        draw = ImageDraw.Draw(image)
-        for _ in range(3):
-            box = sorted(rng.randrange(size) for _ in range(2)), sorted(rng.randrange(size) for _ in range(2))
-            draw.ellipse([box[0][0], box[1][0], box[0][1], box[1][1]],
-                         fill=tuple(rng.randrange(0, 256) for _ in range(3)))
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
-
-
-def wait_ready(client, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            client.predict_images(images(8, 1))
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
 
 
 def main(argv=None) -> int:
@@ -119,11 +77,9 @@ def main(argv=None) -> int:
     size = meta.get("image_size", 224)
 
     rest_port, grpc_port = free_port(), free_port()
-    server = subprocess.Popen([sys.executable, "-m", "visiontune.cli", "serve", "--model-base-path", base,
-                               "--rest-port", str(rest_port), "--grpc-port", str(grpc_port), "--num-versions", "1"],
-                              stdout=subprocess.PIPE, text=True)
+    server, banner = start_server(base, "--rest-port", str(rest_port), "--grpc-port", str(grpc_port),
+                                  "--num-versions", "1")
     try:
-        banner = server.stdout.readline().strip()
         kind = "TF Serving" if banner.startswith("running TF Serving") else "built-in"
         signature = tf.saved_model.load(version_dir).signatures["serving_default"]
         rest = RestClient(f"http://127.0.0.1:{rest_port}", name)
@@ -148,11 +104,10 @@ def main(argv=None) -> int:
         throughput = {(k, b): [0, 0.0] for k in paths for b in (1, 8, 32)}
         for r in range(args.rounds):
             for label, fn in paths.items():
-                for i in range(args.requests):
-                    image = [pool[(r * args.requests + i) % len(pool)]]
-                    t = time.perf_counter()
-                    fn(image)
-                    latency[label].append(time.perf_counter() - t)
+                done = client_loop(fn, pool, start=r * args.requests, count=args.requests)
+                if done.errors:
+                    raise SystemExit(f"{label}: {done.errors[0]}")
+                latency[label] += done.latencies
             for batch in (1, 8, 32):
                 for label, fn in paths.items():
                     start = time.perf_counter()

@@ -35,7 +35,6 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,7 +42,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]
-from serving_latency import free_port, images  # noqa: E402  (the same test images and ports)
+from _serving_clients import concurrent_clients, free_port, images, start_server  # noqa: E402
 
 MARKER = "<!-- serving_load rows -->"
 PUSH_AT, DELETE_AT = 1 / 6, 3 / 4   # of the run: after the first load period; once the new version serves
@@ -112,17 +111,13 @@ def main(argv=None) -> int:
     base = os.path.join(work, name)
     first_version, _ = model_versions.push_version(model_dir, base)
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "visiontune.cli", "serve", "--builtin", "--model-base-path", base,
-         "--rest-port", str(port), "--grpc-port", "0", "--num-versions", "2",
-         "--poll-seconds", str(args.poll_seconds), "--inference-batch-size", str(args.inference_batch_size)],
-        stdout=subprocess.PIPE, text=True)
+    server, banner = start_server(base, "--builtin", "--rest-port", str(port), "--grpc-port", "0",
+                                  "--num-versions", "2", "--poll-seconds", str(args.poll_seconds),
+                                  "--inference-batch-size", str(args.inference_batch_size))
     pool = images(args.image_size, 64)
-    latencies, errors, done = [], [], threading.Event()
-    lock = threading.Lock()
+    done, load = threading.Event(), {}
     rss, statuses = [], []
     try:
-        banner = server.stdout.readline().strip()
         if "built-in model server" not in banner:
             raise SystemExit(f"server did not start: {banner!r}")
         url = f"http://127.0.0.1:{port}"
@@ -149,21 +144,10 @@ def main(argv=None) -> int:
             idle_rss = rss_mib(server.pid)
             big["rss_2s_later"] = idle_rss
 
-        def client(i: int) -> None:
-            rest = RestClient(url, name, timeout=60)
-            n = i
-            while not done.is_set():
-                image = pool[n % len(pool)]
-                n += 1
-                t = time.perf_counter()
-                try:
-                    out = rest.predict_images([image])
-                    ok = out["probabilities"].shape[0] == 1
-                except Exception as e:  # noqa: BLE001 - every failure is counted and shown
-                    ok, out = False, e
-                elapsed = time.perf_counter() - t
-                with lock:
-                    (latencies.append(elapsed) if ok else errors.append(repr(out)[:200]))
+        def clients() -> None:
+            load["results"] = concurrent_clients(lambda i: RestClient(url, name, timeout=60).predict_images, pool,
+                                                 args.clients, stop=done,
+                                                 check=lambda out: out["probabilities"].shape[0] == 1)
 
         def monitor(start: float) -> None:
             rest = RestClient(url, name, timeout=60)
@@ -181,8 +165,8 @@ def main(argv=None) -> int:
                 time.sleep(1.0)
 
         start = time.monotonic()
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
-        threads += [threading.Thread(target=monitor, args=(start,)), threading.Thread(target=sample, args=(start,))]
+        threads = [threading.Thread(target=clients), threading.Thread(target=monitor, args=(start,)),
+                   threading.Thread(target=sample, args=(start,))]
         for t in threads:
             t.start()
         time.sleep(args.seconds * PUSH_AT)
@@ -199,6 +183,7 @@ def main(argv=None) -> int:
             t.join()
         duration = time.monotonic() - start
         end_rss = rss_mib(server.pid)
+        latencies, errors = load["results"].latencies, load["results"].errors
     finally:
         done.set()
         server.terminate()

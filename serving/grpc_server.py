@@ -34,7 +34,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from visiontune.serving import classify, tensors
+from visiontune.serving import classify, metrics, tensors
 from visiontune.serving.model_server import ModelManager, ServingError, invalid
 
 log = logging.getLogger("visiontune.serving")
@@ -171,6 +171,7 @@ class GrpcServer:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="grpc"),
             maximum_concurrent_rpcs=8 * limits.workers,
+            interceptors=[metrics.grpc_interceptor(manager)],   # counts every method, new ones too
             options=[("grpc.max_receive_message_length", min(limits.max_body_bytes, (1 << 31) - 1)),  # an int32
                      ("grpc.max_send_message_length", -1),
                      ("grpc.max_connection_idle_ms", int(limits.idle_timeout * 1000)),

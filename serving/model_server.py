@@ -32,7 +32,7 @@ import warnings
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from visiontune import features
-from visiontune.serving import image_header, version_scan
+from visiontune.serving import batching, image_header, metrics, version_scan
 from visiontune.serving.model_config import VersionPolicy
 
 log = logging.getLogger("visiontune.serving")
@@ -113,7 +113,7 @@ class Servable:
         if name not in self.signatures:
             # TF Serving's wording (http_rest_api_handler.cc), INVALID_ARGUMENT.
             raise invalid(f'Serving signature name: "{name}" not found in signature def')
-        return self.signatures[name]
+        return metrics.noted(self.signatures[name])
 
 
 @dataclasses.dataclass
@@ -167,6 +167,7 @@ class ModelManager:
         self.poll_seconds = poll_seconds
         self.limits = limits or Limits()
         self.warmup = warmup
+        self.metrics, self.batcher = metrics.ServerMetrics(), batching.UNBATCHED   # a ServerCore may share them
         self._servables: Dict[int, Servable] = {}   # replaced, never mutated in place
         self._status: Dict[int, VersionStatus] = {}
         self._seen: Dict[int, Tuple] = {}           # version -> fingerprint at the last scan
@@ -241,14 +242,15 @@ class ModelManager:
             self._failed[version] = self._seen.get(version)
             message = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             self._status[version] = VersionStatus(version, END, "UNKNOWN", message)
+            self.metrics.load(path, time.monotonic() - started, ok=False)
             log.warning("model %s version %d failed to load: %s", self.name, version, message)
             return
         with self._lock:
             self._servables = {**self._servables, version: servable}
         self._failed.pop(version, None)
         self._status[version] = VersionStatus(version, AVAILABLE)
-        log.info("model %s version %d is available (loaded in %.1f s)", self.name, version,
-                 time.monotonic() - started)
+        self.metrics.load(path, seconds := time.monotonic() - started, ok=True)   # warm-up included
+        log.info("model %s version %d is available (loaded in %.1f s)", self.name, version, seconds)
 
     def _unload(self, version: int) -> None:
         self._status[version] = VersionStatus(version, UNLOADING)
@@ -262,6 +264,7 @@ class ModelManager:
     def _check_name(self, name: str) -> None:
         if name != self.name:
             raise ServingError("NOT_FOUND", f"Servable not found for request: Latest({name})")
+        metrics.note(model_name=name)   # a served model's name only: clients cannot add series
 
     @staticmethod
     def _check_label(label: Optional[str]) -> None:
@@ -278,10 +281,10 @@ class ModelManager:
         if version is None:
             if not servables:
                 raise ServingError("NOT_FOUND", f"Servable not found for request: Latest({name})")
-            return servables[max(servables)]
+            return metrics.noted(servables[max(servables)])
         if version not in servables:
             raise ServingError("NOT_FOUND", f"Servable not found for request: Specific({name}, {version})")
-        return servables[version]
+        return metrics.noted(servables[version])
 
     def versions(self) -> List[int]:
         return sorted(self._servables)
@@ -333,7 +336,7 @@ class ModelManager:
                               f"{spec.shape.as_list() if spec.shape.rank is not None else 'any'}")
             arrays[name] = array
         pixels = self._declared_pixels(arrays)
-        calls = [self._call(signature, {k: v[part] for k, v in arrays.items()} if part else arrays)
+        calls = [self.batcher.run(self, signature, arrays, part, pixels)   # self._call, maybe merged (batching.py)
                  for part in self._parts(signature, arrays, pixels)]
         wanted = output_filter or list(calls[0])
         if len(calls) == 1:

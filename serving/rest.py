@@ -7,6 +7,7 @@ Routes (TF Serving's; the model's name and version go in the path):
 * ``POST /v1/models/{name}[/versions/{v}]:predict``    row or columnar JSON
 * ``POST /v1/models/{name}[/versions/{v}]:classify``   ``{"examples": [...]}`` (``serving/classify.py``)
 * ``POST /v1/models/{name}[/versions/{v}]:regress``    the same; our models have no regression signature
+* ``GET  /monitoring/prometheus/metrics``             the server's metrics (:mod:`serving.metrics`)
 
 ``/labels/{label}`` in place of ``/versions/{v}`` names a version by its label
 (``version_labels`` in the model config); an unknown label is a 400, as TF
@@ -52,7 +53,7 @@ from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from typing import Dict, Optional, Tuple
 
-from visiontune.serving import classify, tensors
+from visiontune.serving import classify, metrics, tensors
 from visiontune.serving.model_server import ModelManager, ServingError, invalid
 
 log = logging.getLogger("visiontune.serving")
@@ -130,15 +131,46 @@ def handle(manager: ModelManager, method: str, target: str, body: bytes) -> Tupl
             raise invalid(f"Malformed request: POST {path}")
         return 200, predict_json(manager, match["name"], version, label, body)
     except ServingError as e:
+        metrics.note(status=e.code)
         return e.http_status, {"error": e.message}
     except Exception as e:  # the server must keep serving whatever a request does
         log.exception("%s %s failed", method, target[:200])
         return 500, {"error": f"internal error: {type(e).__name__}: {e}"}
 
 
+class _Text(bytes):
+    """A body that is not JSON: the metrics page."""
+
+    content_type = metrics.CONTENT_TYPE
+
+
+def _api(method: str, path: str) -> str:
+    """TF Serving's name for the API a REST request calls (its metrics' ``API`` label)."""
+    match = _PATH.match(path)
+    if match is None:
+        return ""
+    if method == "GET":
+        return "GetModelMetadata" if match["metadata"] else "GetModelStatus"
+    api = (match["method"] or "").lower()
+    return api.capitalize() if api in ("predict", "classify", "regress") else ""   # never a client's word
+
+
 def _answer(manager: ModelManager, method: str, target: str, body: bytes) -> Tuple[int, bytes]:
-    """``handle`` with the JSON encoded too, in the worker (a big answer must not stall the loop)."""
-    status, payload = handle(manager, method, target, body)
+    """``handle`` with the JSON encoded too, in the worker (a big answer must not stall the loop).
+
+    Also serves the metrics page (TF Serving's ``/monitoring/prometheus/metrics``) and counts every other
+    request in the server's metrics.
+    """
+    server_metrics = getattr(manager, "metrics", None)
+    path = target.split("?", 1)[0]
+    if server_metrics is None or not server_metrics.enabled:
+        status, payload = handle(manager, method, target, body)
+    elif path == server_metrics.path and method == "GET":
+        return 200, _Text(server_metrics.exposition())
+    else:
+        with server_metrics.request(_api(method, path), "REST") as record:
+            status, payload = handle(manager, method, target, body)
+            record.http_status(status)
     return status, json.dumps(payload).encode("utf-8")
 
 
@@ -408,7 +440,8 @@ class RestServer:
             phrase = HTTPStatus(status).phrase
         except ValueError:
             phrase = ""
-        head = (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\n"
+        content_type = getattr(data, "content_type", "application/json")
+        head = (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(data)}\r\nServer: visiontune-model-server\r\n"
                 + ("Connection: close\r\n" if not keep else "Connection: keep-alive\r\n" if http10 else "")
                 + "\r\n").encode("latin-1")

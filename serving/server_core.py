@@ -27,7 +27,7 @@ import logging
 import threading
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from visiontune.serving import model_config
+from visiontune.serving import batching, metrics, model_config
 from visiontune.serving.model_config import InvalidConfig, ModelSpec
 from visiontune.serving.model_server import END, Limits, ModelManager, Servable, ServingError, VersionStatus, invalid
 
@@ -43,6 +43,9 @@ class ServerCore:
         self.poll_seconds = poll_seconds
         self.warmup = warmup
         self.allow_unavailable_labels = allow_version_labels_for_unavailable_models
+        # One metrics registry and one batcher for the whole server, handed to every model's manager
+        # (set them before the first reload).
+        self.metrics, self.batcher = metrics.ServerMetrics(), batching.UNBATCHED
         # Each replaced whole, never mutated: a request reads one consistent snapshot.
         self._models: Dict[str, ModelManager] = {}
         self._labels: Dict[str, Dict[str, int]] = {}
@@ -131,6 +134,7 @@ class ServerCore:
                 else:
                     manager = ModelManager(spec.name, spec.base_path, poll_seconds=self.poll_seconds,
                                            limits=self._limits, warmup=self.warmup, policy=spec.policy)
+                    manager.metrics, manager.batcher = self.metrics, self.batcher
                     added.append(manager)
                 models[spec.name] = manager
             for manager in added:   # loaded before they join: no request sees a model without versions

@@ -75,6 +75,7 @@ def add_commands(sub) -> None:
     p.add_argument("--config-root", metavar="DIR",
                    help="with --write-config: the folder holding the models as the container sees it (e.g. "
                         "/models); default: the host's paths, mounted at the same paths")
+    add_metrics_and_batching_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("predict", help="classify (or segment) images with a served model (REST or gRPC), "
@@ -100,6 +101,90 @@ def add_commands(sub) -> None:
                                        "(IMAGE_STEM_mask.png)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_predict)
+
+
+# ---------------------------------------------------------------- serve: metrics and batching
+
+def add_metrics_and_batching_flags(p) -> None:
+    """TF Serving's own flags and files; both servers read them (the real one gets them passed on)."""
+    p.add_argument("--enable_batching", action="store_true",
+                   help="merge concurrent requests into one model call (TF Serving's flag; settings from "
+                        "--batching_parameters_file)")
+    p.add_argument("--batching_parameters_file", metavar="FILE",
+                   help="TF Serving's text-format BatchingParameters (max_batch_size { value: 8 }, "
+                        "batch_timeout_micros { value: 2000 }, num_batch_threads { value: 2 }, ...); "
+                        "default: max_batch_size = --inference-batch-size, no timeout, one thread per core")
+    p.add_argument("--monitoring_config_file", metavar="FILE",
+                   help="TF Serving's text-format MonitoringConfig: prometheus_config { enable: true, path: "
+                        '"..." }. Default for the built-in server: metrics on at /monitoring/prometheus/metrics '
+                        "on the REST port")
+    p.add_argument("--write-batching-config", metavar="FILE",
+                   help="write the batching parameters in effect (the file's, or the defaults spelled out) "
+                        f"for {TF_SERVING_BINARY} --batching_parameters_file, and exit")
+    p.add_argument("--write-monitoring-config", metavar="FILE",
+                   help=f"write a --monitoring_config_file for {TF_SERVING_BINARY} that turns on the same "
+                        "metrics endpoint, and exit")
+
+
+def check_metrics_and_batching_args(args) -> None:
+    """Reads the batching and monitoring files once (bad ones: one line, exit 2); sets args.batching/monitoring."""
+    from visiontune.serving import batching, metrics
+
+    if args.batching_parameters_file and not (args.enable_batching or args.write_batching_config):
+        raise UserError("--batching_parameters_file is read only with --enable_batching (as in TF Serving)")
+    try:
+        args.batching = batching.read_parameters(args.batching_parameters_file, args.inference_batch_size)
+    except ValueError as e:
+        raise UserError(f"--batching_parameters_file {e}") from None
+    try:
+        args.monitoring = metrics.read_monitoring_config(args.monitoring_config_file)
+    except ValueError as e:
+        raise UserError(f"--monitoring_config_file {e}") from None
+
+
+def _write_atomically(path: str, text: str) -> None:
+    path = os.path.abspath(path)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"{path}: cannot write it: {e.strerror or e}") from None
+
+
+def write_tf_serving_files(args) -> list:
+    """--write-batching-config / --write-monitoring-config: writes them; the flags that pass them to TF Serving."""
+    from visiontune.serving import batching, metrics
+
+    flags = []
+    if args.write_batching_config:
+        _write_atomically(args.write_batching_config, batching.to_text(args.batching))
+        flags += ["--enable_batching=true", f"--batching_parameters_file={os.path.abspath(args.write_batching_config)}"]
+    if args.write_monitoring_config:
+        _write_atomically(args.write_monitoring_config, metrics.monitoring_config_text(*args.monitoring))
+        flags.append(f"--monitoring_config_file={os.path.abspath(args.write_monitoring_config)}")
+    return flags
+
+
+def tf_serving_flags(args) -> list:
+    """The batching and monitoring flags for tensorflow_model_server: the user's files, or metrics on as ours."""
+    import tempfile
+
+    from visiontune.serving import metrics
+
+    flags = []
+    if args.enable_batching:
+        flags.append("--enable_batching=true")
+        if args.batching_parameters_file:
+            flags.append(f"--batching_parameters_file={os.path.abspath(args.batching_parameters_file)}")
+    monitoring = args.monitoring_config_file
+    if monitoring is None:   # TF Serving's metrics are off by default; `visiontune serve` turns them on for both
+        monitoring = os.path.join(tempfile.mkdtemp(prefix="visiontune-monitoring-"), "monitoring.config")
+        _write_atomically(monitoring, metrics.monitoring_config_text(*args.monitoring))
+    return flags + [f"--monitoring_config_file={os.path.abspath(monitoring)}"]
 
 
 # ---------------------------------------------------------------- serve
@@ -143,6 +228,7 @@ def check_serve_args(args):
             raise UserError(f"--{option.replace('_', '-')}: got {value:g}, expected a number of seconds > 0")
     if args.config_root and not args.write_config:
         raise UserError("--config-root: the folder written into --write-config's file; pass --write-config")
+    check_metrics_and_batching_args(args)
     return specs
 
 
@@ -175,15 +261,19 @@ def _tf_serving_flags(args) -> list:
 
 def cmd_serve(args) -> int:
     specs = check_serve_args(args)
+    written = write_tf_serving_files(args)
     if args.write_config:
-        return write_config(args, specs)
+        return write_config(args, specs, written)
+    if written:
+        print(f"wrote; pass to {TF_SERVING_BINARY}: {' '.join(written)}")
+        return 0
     binary = None if args.builtin else shutil.which(TF_SERVING_BINARY)
     if binary:
         spec = specs[0]
         command = tf_serving_command(binary, spec.name, spec.base_path, grpc_port=args.grpc_port,
                                      rest_port=args.rest_port, num_versions=spec.policy.num_versions,
                                      poll_seconds=args.poll_seconds, config_file=args.model_config_file,
-                                     extra=_tf_serving_flags(args))
+                                     extra=_tf_serving_flags(args) + tf_serving_flags(args))
         print(f"running TF Serving: {' '.join(command)}", flush=True)
         if args.host not in ("127.0.0.1", "0.0.0.0"):
             print("note: tensorflow_model_server listens on all interfaces; --host is ignored",
@@ -192,8 +282,12 @@ def cmd_serve(args) -> int:
     return serve_builtin(args, specs)
 
 
-def write_config(args, specs) -> int:
-    """``--write-config FILE``: TF Serving's config for ``specs``, and the ``docker run`` line that serves it."""
+def write_config(args, specs, written=()) -> int:
+    """``--write-config FILE``: TF Serving's config for ``specs``, and the ``docker run`` line that serves it.
+
+    ``written``: the flags of the batching / monitoring files written with it
+    (``--write-batching-config``, ``--write-monitoring-config``); their files are mounted too.
+    """
     from visiontune.serving import model_config
     from visiontune.serving.tf_serving import container_paths, docker_command
 
@@ -206,8 +300,10 @@ def write_config(args, specs) -> int:
     except OSError as e:
         raise UserError(f"--write-config {args.write_config}: cannot be written: {e.strerror or e}") from None
     print(f"wrote {args.write_config} ({len(specs)} model(s)); serve it with TF Serving:", flush=True)
-    print(docker_command(specs, os.path.abspath(args.write_config), root=args.config_root,
-                         flags=_tf_serving_flags(args), grpc_port=args.grpc_port or 8500,
+    file_flags = [tuple(flag.split("=", 1)) for flag in written if flag.split("=", 1)[0].endswith("_file")]
+    flags = _tf_serving_flags(args) + [flag for flag in written if flag.split("=", 1)[0] not in dict(file_flags)]
+    print(docker_command(specs, os.path.abspath(args.write_config), root=args.config_root, file_flags=file_flags,
+                         flags=flags, grpc_port=args.grpc_port or 8500,
                          rest_port=args.rest_port or 8501), flush=True)
     return 0
 
@@ -222,6 +318,11 @@ def serve_builtin(args, specs) -> int:
                     workers=args.workers, idle_timeout=args.idle_timeout, read_timeout=args.read_timeout)
     manager = ServerCore(limits, poll_seconds=args.poll_seconds,
                          allow_version_labels_for_unavailable_models=args.allow_unavailable_labels)
+    manager.metrics.enabled, manager.metrics.path = args.monitoring
+    if args.enable_batching:
+        from visiontune.serving.batching import Batcher
+
+        manager.batcher = Batcher(args.batching)
     servers = []
     try:
         if args.rest_port:
@@ -254,6 +355,10 @@ def serve_builtin(args, specs) -> int:
     if args.model_config_file_poll_wait_seconds:
         manager.watch(args.model_config_file, args.model_config_file_poll_wait_seconds)
     where = ", ".join(f"REST {s.url}" if hasattr(s, "url") else f"gRPC {s.target}" for s in servers)
+    if args.rest_port and manager.metrics.enabled:
+        where += f", metrics {servers[0].url}{manager.metrics.path}"
+    if args.enable_batching:
+        where += f", batching (max_batch_size {args.batching.max_batch_size})"
     why = "--builtin" if args.builtin else f"no {TF_SERVING_BINARY} on PATH"
     models = "; ".join(f"model {s.name!r} from {s.base_path}, versions "
                        f"{manager.models()[s.name] or 'none yet (waiting for a push)'}"
@@ -265,6 +370,7 @@ def serve_builtin(args, specs) -> int:
     stop.wait()
     for server in servers:
         server.stop()
+    manager.batcher.stop()
     manager.stop()
     return 0
 
