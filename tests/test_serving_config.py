@@ -476,9 +476,11 @@ def test_hand_off_passes_the_config_file_and_tf_serving_flags_on(tmp_path):
                              "--model_config_file_poll_wait_seconds", "30"],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert record.read_text().splitlines() == [
+    argv = record.read_text().splitlines()
+    assert argv[:-1] == [
         "--port=8500", "--rest_api_port=8501", f"--model_config_file={config}", "--file_system_poll_wait_seconds=1",
         "--allow_version_labels_for_unavailable_models", "--model_config_file_poll_wait_seconds=30"]
+    assert argv[-1].startswith("--monitoring_config_file=")   # metrics on, as on the built-in server
 
 
 # ---------------------------------------------------------------- the same labels on real TF Serving
