@@ -265,6 +265,13 @@ def test_cdnet_pipeline_pushes_a_model_whose_metrics_match_its_masks(cdnet_run):
     assert set(np.unique(mask).tolist()) <= {0, 255}
     probability = out["foreground_probability"].numpy()
     assert probability.shape == (1, 64, 64) and 0.0 <= probability.min() <= probability.max() <= 1.0
+    # No classification signature (a mask is not a class list); warm-up requests predict masks only.
+    assert "classification" not in model.signatures
+    warmup_file = os.path.join(summary.pushed_dir, features.METADATA_DIR, features.WARMUP_REQUESTS_FILE)
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(warmup_file)]
+    assert logs and {log.WhichOneof("log_type") for log in logs} == {"predict_log"}
 
     # The run's report shows the overlays and the per-class IoU.
     data = json.load(open(os.path.join(config.pipeline.output_dir, report.REPORT_DIR, report.DATA_FILE)))
@@ -284,6 +291,7 @@ def test_cdnet_masks_over_rest_and_grpc_and_predict_command(cdnet_run, tmp_path,
     from tests.test_serving import start_builtin
     from visiontune import cli
     from visiontune.features import MASK_BYTES_OUTPUT as MASK_OUTPUT
+    from visiontune.serving.client import PredictionError
 
     config, summary = cdnet_run
     base_path = os.path.dirname(summary.pushed_dir)
@@ -296,6 +304,11 @@ def test_cdnet_masks_over_rest_and_grpc_and_predict_command(cdnet_run, tmp_path,
         body = served.rest().predict_json({"instances": [{"b64": base64.b64encode(jpeg).decode()}]})
         assert base64.b64decode(body["predictions"][0][MASK_OUTPUT]["b64"]) == expected
         assert served.grpc().predict_images([jpeg])[MASK_OUTPUT][0] == expected
+        # :classify answers TF Serving's error, naming the missing classification signature.
+        with pytest.raises(PredictionError) as e:
+            served.rest().request("POST", "/v1/models/cdnet:classify", json.dumps(
+                {"examples": [{"image": {"b64": base64.b64encode(jpeg).decode()}}]}).encode())
+        assert e.value.http_status == 400 and "this model has no classification signature" in e.value.message
 
         image = os.path.join(CDNET, "test", "x", "in000847.jpg")
         assert cli.main(["predict", "--server", served.rest_url, "--model", "cdnet",

@@ -40,6 +40,16 @@ def test_export_has_tf_serving_layout_and_metadata(exported):
     loaded = tf.saved_model.load(model_dir)
     assert set(loaded.signatures) == {"serving_default", "serving_examples", "transform_features",
                                       "classification"}
+    # TF Serving's classification method, set after saving; fingerprint.pb still describes saved_model.pb.
+    from tensorflow.python.saved_model import fingerprinting_utils, loader_impl
+
+    defs = loader_impl.parse_saved_model(model_dir).meta_graphs[0].signature_def
+    assert defs["classification"].method_name == "tensorflow/serving/classify"
+    assert {defs[k].method_name for k in defs if k != "classification" and not k.startswith("__")} == {
+        "tensorflow/serving/predict"}
+    assert (fingerprinting_utils.singleprint_from_fingerprint_proto(model_dir)
+            == fingerprinting_utils.singleprint_from_saved_model_proto(model_dir))
+    assert not [f for f in os.listdir(model_dir) if ".tmp" in f]
     meta = signatures.read_metadata(model_dir)
     assert meta["classes"] == SHAPE_CLASSES and meta["image_size"] == 32
     history = json.load(open(os.path.join(exported.model_run_dir, features.HISTORY_FILE)))
