@@ -9,6 +9,7 @@ BENCHMARKS.md.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import statistics
 import sys
@@ -72,6 +73,15 @@ def append_rows(title: str, intro: str, header: str, rows: Sequence[str]) -> Non
                 + "|" + "---|" * ncols + "\n" + marker + "\n")
     text = text.replace(marker, "\n".join(rows) + "\n" + marker, 1)
     open(path, "w").write(text)
+
+
+def publish(title: str, intro: str, header: str, rows: Sequence[str], report=None, write: bool = True) -> None:
+    """A benchmark's ending: prints ``report`` (as JSON) and the rows, then appends the rows unless not ``write``."""
+    if report is not None:
+        print(json.dumps(report, indent=2))
+    print("\n".join(rows))
+    if write:  # --no-write: a trial run leaves BENCHMARKS.md as it is
+        append_rows(title, intro, header, rows)
 
 
 def quality_arguments(doc: str, config_name: str, argv=None):

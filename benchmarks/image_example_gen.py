@@ -134,10 +134,7 @@ def main(argv=None) -> int:
                         f"{common.load()} | {med['prepare', 1]:.0f} | {med['beam', 1]:.0f} | {ratio[1]:.2f}x | "
                         f"{med['prepare', 2]:.0f} | {med['beam', 2]:.0f} | {ratio[2]:.2f}x | "
                         f"{'met' if min(ratio.values()) >= 0.8 else 'missed'} |")
-    print(json.dumps(report, indent=2))
-    print("\n".join(rows))
-    if not args.no_write:
-        common.append_rows(TITLE, INTRO, HEADER, rows)
+    common.publish(TITLE, INTRO, HEADER, rows, report, write=not args.no_write)
     return 0
 
 

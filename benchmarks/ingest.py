@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -116,10 +115,7 @@ def main(argv=None) -> int:
                         f"{'met' if scaling >= 1.7 else 'missed'} |")
     # Only now: machine() imports TensorFlow, after which the pool would have to spawn.
     rows = [row.replace("MACHINE", common.machine(), 1) for row in rows]
-    print(json.dumps(report, indent=2))
-    print("\n".join(rows))
-    if not args.no_write:
-        common.append_rows(TITLE, INTRO, HEADER, rows)
+    common.publish(TITLE, INTRO, HEADER, rows, report, write=not args.no_write)
     return 0
 
 

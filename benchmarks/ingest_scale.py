@@ -147,9 +147,7 @@ def main(argv=None) -> int:
                         f"{ingest['images']} | {ingest['wall']:.0f} | {ingest['images'] / ingest['wall']:.0f} | "
                         f"{ingest['peak_mib']:.0f} | {listing['peak_mib']:.0f} | "
                         f"{ingest['peak_mib'] - listing['peak_mib']:.0f} |")
-    print("\n".join(rows))
-    if not args.no_write:
-        common.append_rows(TITLE, INTRO, HEADER, rows)
+    common.publish(TITLE, INTRO, HEADER, rows, write=not args.no_write)
     return 0
 
 

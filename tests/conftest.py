@@ -289,6 +289,17 @@ def first_run_snapshot(first_run, gtsrb_slice):
     return str(gtsrb_slice[0] / "first_run_snapshot")
 
 
+@pytest.fixture(scope="session")
+def stopped_run(tmp_path_factory):
+    """A real ``visiontune run`` stopped with Ctrl-C, then SIGKILLed, then finished (``tests/stopped_run.py``).
+
+    Session-scoped: test_errors_run.py checks the Ctrl-C, test_resume.py the kill and the resume.
+    """
+    from tests import stopped_run as sequence
+
+    return sequence.run_stopped_twice(tmp_path_factory.mktemp("stopped_run"))
+
+
 # --------------------------------------------------------------------------- re-runs of the shared run
 #
 # Later tests run the pipeline again into ``first_run``'s output dir (a cached

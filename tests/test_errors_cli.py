@@ -21,10 +21,10 @@ import time
 import pytest
 from PIL import Image
 
+from tests.slow_encoding import slow_encoding_env, wait_until_encoding
 from visiontune.cli import interrupts
 from visiontune.errors import disk_problem
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VISIONTUNE = [sys.executable, "-m", "visiontune.cli"]
 LINUX = sys.platform.startswith("linux")
 
@@ -77,6 +77,11 @@ def _prepared_without_eval(tmp) -> str:
     return out
 
 
+def _prepare_images(*extra):
+    """The arguments (a function of tmp_path) of ``prepare`` of a small tree into ``out``, then ``extra``."""
+    return lambda t: ["prepare", "--source", _images(t), "--output", t / "out", *extra]
+
+
 def _below_a_file(tmp) -> str:
     (tmp / "afile").write_text("not a folder")
     return str(tmp / "afile" / "out")
@@ -104,24 +109,20 @@ CASES = [
      "config.yaml:4: data.csv_delimiter: got [[[...], [...], [...], [...], [...], [...], ...], "),
     ("config_is_a_folder", lambda t: ["prepare", "--config", t, "--output", t / "out"],
      "cannot read config: Is a directory"),
-    ("set_without_a_key", lambda t: ["prepare", "--source", _images(t), "--output", t / "out", "--set", "=5"],
+    ("set_without_a_key", _prepare_images("--set", "=5"),
      "--set '=5': expected section.key=value, e.g. training.batch_size=16"),
-    ("set_without_a_value", lambda t: ["prepare", "--source", _images(t), "--output", t / "out",
-                                       "--set", "data.eval_fraction"],
+    ("set_without_a_value", _prepare_images("--set", "data.eval_fraction"),
      "--set 'data.eval_fraction': expected section.key=value"),
-    ("set_with_an_empty_key", lambda t: ["prepare", "--source", _images(t), "--output", t / "out",
-                                         "--set", "data..eval_fraction=0.5"],
+    ("set_with_an_empty_key", _prepare_images("--set", "data..eval_fraction=0.5"),
      "--set 'data..eval_fraction=0.5': expected section.key=value"),
     ("set_below_a_value", lambda t: ["prepare", "--output", t / "out", "--set", "data.source.x=1"],
      "data.source: got {'x': 1}, expected a string"),
     ("set_below_a_value_set_before", lambda t: ["prepare", "--output", t / "out", "--set", "data.source=images",
                                                 "--set", "data.source.x=1"],
      "--set 'data.source.x=1': data.source is a value, not a section"),
-    ("set_unknown_section", lambda t: ["prepare", "--source", _images(t), "--output", t / "out",
-                                       "--set", "datta.source=x"],
+    ("set_unknown_section", _prepare_images("--set", "datta.source=x"),
      "datta: unknown setting(s) datta (did you mean data?)"),
-    ("split_group_regex_invalid", lambda t: ["prepare", "--source", _images(t), "--output", t / "out",
-                                             "--set", "data.split_group_regex=(["],
+    ("split_group_regex_invalid", _prepare_images("--set", "data.split_group_regex=(["),
      "data.split_group_regex: got '([', which is not a valid regular expression"),
     ("output_below_a_file", lambda t: ["prepare", "--source", _images(t), "--output", _below_a_file(t)],
      "data.prepared_dir: {tmp}/afile/out: cannot be a folder: {tmp}/afile is a file"),
@@ -293,8 +294,6 @@ def test_a_full_disk_during_run_is_one_error_line(tmp_path, size):
 
 # ----------------------------------------------------------------------------- Ctrl-C
 
-# Every process of the command that encodes says so, slowly (Beam's workers inherit PYTHONPATH).
-from tests.test_ingest_faults import _SLOW_ENCODE  # noqa: E402
 
 
 @pytest.mark.skipif(not LINUX, reason="process groups and /proc")
@@ -310,21 +309,13 @@ def test_ctrl_c_during_prepare_stops_with_one_line_and_keeps_the_previous_datase
     out = tmp_path / "out"
     _run(["prepare", "--source", source, "--output", out, "--quiet"], cwd=tmp_path).check_returncode()
     before = (out / "summary.json").read_bytes()
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(_SLOW_ENCODE)
-    pids = tmp_path / "pids"
-    pids.mkdir()
-    env = dict(os.environ, VISIONTUNE_TEST_PIDS=str(pids), PYTHONPATH=os.pathsep.join(
-        [str(tmp_path / "site"), REPO] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    pids, env = slow_encoding_env(tmp_path)  # every process of the command that encodes says so, slowly
     proc = subprocess.Popen(VISIONTUNE + ["prepare", "--source", source, "--output", str(out), "--quiet",
                                           "--workers", str(workers), "--set", "data.num_shards=2"],
                             env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while not os.listdir(pids) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert os.listdir(pids), proc.communicate()[1][-3000:]
+        assert wait_until_encoding(proc, pids), proc.communicate()[1][-3000:]
         if to == "group":
             os.killpg(proc.pid, signal.SIGINT)
         else:

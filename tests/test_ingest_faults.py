@@ -25,6 +25,7 @@ import pytest
 import tensorflow as tf  # noqa: E402  (after visiontune: ingest itself must not need TF)
 from PIL import Image, ImageFile
 
+from tests.slow_encoding import slow_encoding_env, wait_until_encoding
 from visiontune.components import dataset_folder, image_encoding, prepare
 from visiontune.components.prepare import PrepareError, prepare_dataset
 from visiontune.configs import DataConfig
@@ -473,19 +474,6 @@ def test_only_our_own_dataset_is_replaced_and_only_our_files_deleted(tmp_path):
 # Loaded by every Python process of the run (the script and Beam's worker processes,
 # which inherit PYTHONPATH): a big dataset, in a few seconds, and every process that
 # encodes says who it is.
-_SLOW_ENCODE = textwrap.dedent("""
-    import os, time
-    from visiontune.components import image_encoding
-
-    encode = image_encoding.encode_example
-
-    def slow(*args, **kwargs):
-        open(os.path.join(os.environ["VISIONTUNE_TEST_PIDS"], str(os.getpid())), "w").close()
-        time.sleep(0.2)
-        return encode(*args, **kwargs)
-
-    image_encoding.encode_example = slow
-""")
 _SLOW_PREPARE = textwrap.dedent("""
     import sys
     from visiontune.components import prepare
@@ -513,20 +501,13 @@ def test_a_stopped_run_leaves_no_temporary_folder_and_no_worker(tmp_path, signum
     prepare_dataset(_config(src), str(out), progress=False)  # the previous dataset
     before = (out / "summary.json").read_bytes()
     (tmp_path / "script.py").write_text(_SLOW_PREPARE)
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(_SLOW_ENCODE)
-    pids = tmp_path / "pids"
-    pids.mkdir()
-    env = dict(os.environ, VISIONTUNE_TEST_PIDS=str(pids), PYTHONPATH=os.pathsep.join(
-        [str(tmp_path / "site"), REPO] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    pids, env = slow_encoding_env(tmp_path)
     proc = subprocess.Popen([sys.executable, str(tmp_path / "script.py"), str(src), str(out)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while not os.listdir(pids) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        encoding = wait_until_encoding(proc, pids)
         # A Beam worker is encoding (the DirectRunner hands each its share of the shards).
-        assert os.listdir(pids) and str(proc.pid) not in os.listdir(pids), proc.communicate()[1].decode()[-2000:]
+        assert encoding and str(proc.pid) not in encoding, proc.communicate()[1].decode()[-2000:]
         assert [n for n in os.listdir(tmp_path) if n.startswith(".out.tmp-")]  # mid-run
         proc.send_signal(signum)
         proc.wait(timeout=20)

@@ -216,56 +216,34 @@ def test_a_damaged_state_starts_training_over_with_a_warning(tmp_path, caplog, d
 # --------------------------------------------------------------------------- a real `visiontune run`, SIGKILLed
 
 @pytest.mark.e2e
-def test_a_sigkilled_visiontune_run_resumes_at_the_next_epoch_with_every_epoch_in_its_history(tmp_path):
+def test_a_sigkilled_visiontune_run_resumes_at_the_next_epoch_with_every_epoch_in_its_history(stopped_run):
     """SIGKILL of the whole ``visiontune run`` process group during fine-tuning, then the
     same command again: the Trainer resumes at the epoch that was running, and the
-    exported model's history.json holds every epoch once."""
+    exported model's history.json holds every epoch once.
+
+    The run is the shared ``stopped_run`` (conftest.py): its first run was stopped
+    with Ctrl-C (test_errors_run.py), the second is the one SIGKILLed here."""
     import glob
     import json
     import signal
-    import subprocess
-    import sys
 
-    from tests.conftest import MOBILENET_V2_035, write_shape_tree
+    from tests.stopped_run import KILL_AT
 
-    source = write_shape_tree(str(tmp_path / "images"), per_class=10, size=32)
-    weights = MOBILENET_V2_035 if os.path.exists(MOBILENET_V2_035) else "none"
-    out = tmp_path / "run"
-    settings = [
-        f"data.source={source}", f"data.prepared_dir={tmp_path / 'prepared'}", "data.eval_fraction=0.3",
-        "model.backbone=mobilenet_v2", "model.alpha=0.35", f"model.weights={weights}", "model.image_size=32",
-        "model.head.dense_units=[8]", "training.batch_size=8", "training.warmup.epochs=1",
-        "training.fine_tune.epochs=2", "training.fine_tune.backbone=all",
-        # Epochs of 1-2 s (the split is 21 images), so the kill lands inside the epoch it targets.
-        "training.steps_per_epoch=30", "training.early_stopping_patience=0",
-        "evaluation.min_accuracy=0", "evaluation.max_regression=1", f"pipeline.output_dir={out}",
-        f"pipeline.serving_dir={tmp_path / 'serving'}", "pipeline.model_name=shapes", "pipeline.name=resume",
-    ]
-    command = [sys.executable, "-m", "visiontune.cli", "run", "--json"] + [a for s in settings for a in ("--set", s)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    killed, out = stopped_run.killed, stopped_run.out
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
+    assert killed.stdout.splitlines()[-1].startswith(KILL_AT)  # epochs 1 (warm-up) and 2 finished, 3 running
+    states = stopped_run.states_after_kill
+    assert len(states) == 1 and states[0]["epochs_done"] == 2, states
 
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith("Epoch 3/3"):  # epochs 1 (warm-up) and 2 finished, 3 running
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "".join(seen[-30:])
-    states = glob.glob(str(out / "**" / "trainer_state" / "*" / "state.json"), recursive=True)
-    assert len(states) == 1 and json.load(open(states[0]))["epochs_done"] == 2
-
-    rerun = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                           timeout=900)
-    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    rerun = stopped_run.finished
+    output = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, output[-3000:]
     assert "resuming training at epoch 3/3 (phase fine_tune)" in rerun.stdout
-    assert [line for line in rerun.stdout.splitlines() if line.startswith("Epoch ")] == ["Epoch 3/3"]
-    histories = sorted(glob.glob(str(out / "**" / "history.json"), recursive=True), key=os.path.getmtime)
+    assert [line for line in output.splitlines() if line.startswith("Epoch ")] == ["Epoch 3/3"]
+    histories = sorted(glob.glob(os.path.join(out, "**", "history.json"), recursive=True), key=os.path.getmtime)
     history = json.load(open(histories[-1]))
     assert [(r["phase"], r["epoch"]) for r in history["history"]] == [
         ("warmup", 1), ("fine_tune", 2), ("fine_tune", 3)]
     assert history["resumed_after_epochs"] == 2
     assert json.loads(rerun.stdout[rerun.stdout.rindex("\n{") + 1:])["pushed"]
-    assert not glob.glob(str(out / "**" / "trainer_state" / "*"), recursive=True)  # cleaned up after export
+    assert not glob.glob(os.path.join(out, "**", "trainer_state", "*"), recursive=True)  # cleaned up after export
