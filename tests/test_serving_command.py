@@ -65,7 +65,8 @@ def test_hands_over_to_tf_serving_with_our_command_line(tmp_path, stub_path):
     assert result.returncode == 0, result.stderr
     argv = record.read_text().splitlines()
     assert argv[:2] == ["--port=9600", "--rest_api_port=9601"]
-    assert argv[3] == "--file_system_poll_wait_seconds=3" and len(argv) == 4
+    assert argv[3] == "--file_system_poll_wait_seconds=3" and len(argv) == 5
+    assert argv[4].startswith("--monitoring_config_file=")   # metrics on, as on the built-in server
     assert argv[2].startswith("--model_config_file=")
     assert result.stdout.startswith("running TF Serving: ") and argv[2] in result.stdout
     assert "--host is ignored" in result.stderr   # TF Serving has no bind address option
