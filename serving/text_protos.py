@@ -71,7 +71,10 @@ def parse(name: str, text: str):
     try:
         text_format.Parse(text, message)
     except text_format.ParseError as e:
-        raise ValueError(" ".join(str(e).split())) from None
+        message = " ".join(str(e).split())
+        if 'Expected "{"' in message:   # `max_batch_size: 8` for a wrapper field
+            message += ' (wrapped values are written as max_batch_size { value: 8 })'
+        raise ValueError(message) from None
     return message
 
 

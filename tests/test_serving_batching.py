@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.serving_helpers import MODEL, builtin_server, push, scrape, shape_pngs, value
+from tests.test_serving_command import stub_path  # noqa: F401  (a fixture: tensorflow_model_server stubbed)
 from visiontune.serving import batching, text_protos
 from visiontune.serving.client import GrpcClient, PredictionError, RestClient
 
@@ -167,3 +168,28 @@ def test_write_batching_config_writes_what_tf_serving_reads(tmp_path, capsys):
     message = text_protos.read("BatchingParameters", str(out))
     assert message.max_batch_size.value == 8 and message.batch_timeout_micros.value == 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["batching.config", "monitoring.config"]   # no leftovers
+
+
+def test_tf_serving_gets_the_same_batching_and_monitoring_files(tmp_path, stub_path):  # noqa: F811
+    """Handing over to tensorflow_model_server passes TF Serving's flags on, and turns its metrics on."""
+    from tests.test_serving_command import _serve
+    from visiontune.serving import metrics
+
+    env, record = stub_path
+    base = tmp_path / "serving" / MODEL
+    base.mkdir(parents=True)
+    params = tmp_path / "batching.config"
+    params.write_text("max_batch_size { value: 8 }\nbatch_timeout_micros { value: 1000 }\n")
+    result = _serve(["--model-base-path", str(base), "--enable_batching", "--batching_parameters_file",
+                     str(params)], env)
+    assert result.returncode == 0, result.stderr
+    argv = record.read_text().splitlines()
+    assert "--enable_batching=true" in argv and f"--batching_parameters_file={params}" in argv
+    (monitoring,) = [a.split("=", 1)[1] for a in argv if a.startswith("--monitoring_config_file=")]
+    assert metrics.read_monitoring_config(monitoring) == (True, metrics.DEFAULT_PATH)
+    # The user's own monitoring file is passed on as it is.
+    own = tmp_path / "monitoring.config"
+    own.write_text('prometheus_config { enable: true, path: "/metrics" }\n')
+    assert _serve(["--model-base-path", str(base), "--monitoring_config_file", str(own)], env).returncode == 0
+    argv = record.read_text().splitlines()
+    assert f"--monitoring_config_file={own}" in argv and not any("batching" in a for a in argv)

@@ -142,7 +142,7 @@ def check_metrics_and_batching_args(args) -> None:
         raise UserError(f"--monitoring_config_file {e}") from None
 
 
-def _write_atomically(path: str, text: str) -> None:
+def _write_atomically(path: str, text: str, option: str) -> None:
     path = os.path.abspath(path)
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
@@ -152,7 +152,7 @@ def _write_atomically(path: str, text: str) -> None:
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise UserError(f"{path}: cannot write it: {e.strerror or e}") from None
+        raise UserError(f"{option} {path}: cannot write it: {e.strerror or e}") from None
 
 
 def write_tf_serving_files(args) -> list:
@@ -161,10 +161,11 @@ def write_tf_serving_files(args) -> list:
 
     flags = []
     if args.write_batching_config:
-        _write_atomically(args.write_batching_config, batching.to_text(args.batching))
+        _write_atomically(args.write_batching_config, batching.to_text(args.batching), "--write-batching-config")
         flags += ["--enable_batching=true", f"--batching_parameters_file={os.path.abspath(args.write_batching_config)}"]
     if args.write_monitoring_config:
-        _write_atomically(args.write_monitoring_config, metrics.monitoring_config_text(*args.monitoring))
+        _write_atomically(args.write_monitoring_config, metrics.monitoring_config_text(*args.monitoring),
+                          "--write-monitoring-config")
         flags.append(f"--monitoring_config_file={os.path.abspath(args.write_monitoring_config)}")
     return flags
 
@@ -183,7 +184,7 @@ def tf_serving_flags(args) -> list:
     monitoring = args.monitoring_config_file
     if monitoring is None:   # TF Serving's metrics are off by default; `visiontune serve` turns them on for both
         monitoring = os.path.join(tempfile.mkdtemp(prefix="visiontune-monitoring-"), "monitoring.config")
-        _write_atomically(monitoring, metrics.monitoring_config_text(*args.monitoring))
+        _write_atomically(monitoring, metrics.monitoring_config_text(*args.monitoring), "a temporary folder")
     return flags + [f"--monitoring_config_file={os.path.abspath(monitoring)}"]
 
 
