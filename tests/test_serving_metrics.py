@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import (
+    classification_pb2,
     get_model_status_pb2,
     model_service_pb2_grpc,
     predict_pb2,
@@ -79,6 +80,11 @@ def test_requests_and_loads_are_counted_under_tf_serving_names(model_dir, tmp_pa
             status = get_model_status_pb2.GetModelStatusRequest()
             status.model_spec.name = MODEL
             model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(status, timeout=60)
+            # A method this module knows nothing about is counted too (the interceptor sees every method).
+            classify = classification_pb2.ClassificationRequest()
+            classify.model_spec.name = "other"
+            with pytest.raises(grpc.RpcError):
+                stub.Classify(classify, timeout=60)
         samples = scrape(url)
         again = scrape(url)
 
@@ -98,6 +104,7 @@ def test_requests_and_loads_are_counted_under_tf_serving_names(model_dir, tmp_pa
     assert value(samples, COUNT, model_name="", API="Predict", entrypoint="GRPC", status="NOT_FOUND") == 1
     assert value(samples, COUNT, **predict, entrypoint="GRPC", status="INVALID_ARGUMENT") == 1
     assert value(samples, COUNT, model_name=MODEL, API="GetModelStatus", entrypoint="GRPC", status="OK") == 1
+    assert value(samples, COUNT, model_name="", API="Classify", entrypoint="GRPC") == 1
     assert not any("other" in dict(labels).values() for _, labels in samples)
     # TF Serving counts by model and status; the totals add up.
     assert value(samples, COUNT, model_name=MODEL) == 8
