@@ -460,6 +460,20 @@ def test_write_config_prints_the_docker_command(model_root, tmp_path, capsys):
         "tensorflow/serving --model_config_file=/models/models.config "
         "--allow_version_labels_for_unavailable_models")
 
+    # The batching and monitoring files written with it are mounted and passed on the same line.
+    files = tmp_path / "tf_serving"
+    files.mkdir()
+    assert cli.main(["serve", "--model-base-path", str(model_root / "shapes"), "--config-root", "/models",
+                     "--write-config", str(files / "models.config"),
+                     "--write-batching-config", str(files / "batching.config"),
+                     "--write-monitoring-config", str(files / "monitoring.config")]) == 0
+    assert sorted(os.listdir(files)) == ["batching.config", "models.config", "monitoring.config"]
+    assert capsys.readouterr().out.splitlines()[1] == (
+        f"docker run --rm -p 8500:8500 -p 8501:8501 --mount type=bind,source={model_root},target=/models "
+        f"--mount type=bind,source={files},target=/config tensorflow/serving "
+        "--model_config_file=/config/models.config --enable_batching=true "
+        "--batching_parameters_file=/config/batching.config --monitoring_config_file=/config/monitoring.config")
+
 
 def test_hand_off_passes_the_config_file_and_tf_serving_flags_on(tmp_path):
     stub = tmp_path / "bin" / "tensorflow_model_server"
