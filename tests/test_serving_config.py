@@ -241,6 +241,30 @@ def test_labels_resolve_on_rest_and_grpc(served):
             assert (response.model_spec.name, response.model_spec.version.value) == ("shapes", version)
 
 
+def test_clients_and_predict_command_take_a_label(served, tmp_path, capfd):
+    from visiontune import cli
+    from visiontune.serving.client import GrpcClient, RestClient
+
+    url = f"http://127.0.0.1:{served.rest_port}"
+    assert RestClient(url, "shapes", label="canary").metadata()["model_spec"]["version"] == "2"
+    grpc_client = GrpcClient(served.grpc_target, "shapes", label="stable")
+    try:
+        assert grpc_client.predict_response({"image_bytes": np.array([png()], dtype=object)}).model_spec \
+            .version.value == 1
+    finally:
+        grpc_client.close()
+    image = tmp_path / "circle.png"
+    image.write_bytes(png(6))
+    for where in (["--server", url], ["--grpc", served.grpc_target]):
+        assert cli.main(["predict", *where, "--model", "shapes", "--label", "canary", str(image)]) == 0
+        assert str(image) in capfd.readouterr().out
+        assert cli.main(["predict", *where, "--model", "shapes", "--label", "nope", str(image)]) == 2
+        assert capfd.readouterr().err.strip().endswith("INVALID_ARGUMENT: Unrecognized servable version label: nope")
+    assert cli.main(["predict", "--server", url, "--model", "shapes", "--label", "canary", "--version", "1",
+                     str(image)]) == 2
+    assert "--version and --label both pick a version: pass one" in capfd.readouterr().err
+
+
 def test_unknown_labels_are_400_and_invalid_argument(served):
     image = png(3)
     channel, prediction_stub, _ = stubs(served.grpc_target)
