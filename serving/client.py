@@ -79,7 +79,7 @@ class RestClient:
     """TF Serving's REST API over one keep-alive HTTP connection per thread."""
 
     def __init__(self, url: str, model: str, version: Optional[int] = None,
-                 signature: Optional[str] = None, timeout: float = 60.0):
+                 signature: Optional[str] = None, timeout: float = 60.0, label: Optional[str] = None):
         parsed = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
         if parsed.scheme not in ("http", "https"):
             raise ValueError(f"{url}: the REST server URL must be http:// or https://")
@@ -87,6 +87,7 @@ class RestClient:
         self._https = parsed.scheme == "https"
         self._host, self._port = parsed.hostname, parsed.port or (443 if self._https else 80)
         self.model, self.version, self.signature, self.timeout = model, version, signature, timeout
+        self.label = label   # a version label (version_labels in the model config), used without a version
         self._local = threading.local()
 
     def _connection(self) -> http.client.HTTPConnection:
@@ -148,6 +149,8 @@ class RestClient:
     def _model_path(self, version: Optional[int]) -> str:
         path = f"/v1/models/{urllib.parse.quote(self.model, safe='')}"
         version = self.version if version is None else version
+        if version is None and self.label:
+            return path + f"/labels/{urllib.parse.quote(self.label, safe='')}"
         return path + (f"/versions/{int(version)}" if version is not None else "")
 
     def status(self, version: Optional[int] = None) -> dict:
@@ -183,12 +186,13 @@ class GrpcClient:
     """TF Serving's gRPC API (``PredictionService``, ``ModelService``)."""
 
     def __init__(self, target: str, model: str, version: Optional[int] = None,
-                 signature: Optional[str] = None, timeout: float = 60.0):
+                 signature: Optional[str] = None, timeout: float = 60.0, label: Optional[str] = None):
         import grpc
         from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
         self.target, self.model, self.version, self.signature, self.timeout = (
             target, model, version, signature, timeout)
+        self.label = label   # a version label, used when no version is given
         self._channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", -1),
                                                                ("grpc.max_send_message_length", -1)])
         self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
@@ -202,6 +206,8 @@ class GrpcClient:
         version = self.version if version is None else version
         if version is not None:
             spec.version.value = int(version)
+        elif self.label:
+            spec.version_label = self.label
         if signature and self.signature:
             spec.signature_name = self.signature
 

@@ -95,6 +95,11 @@ def policy_to_proto(policy: VersionPolicy, proto) -> None:
         proto.latest.num_versions = policy.num_versions
 
 
+def is_uri(path: str) -> bool:
+    """``gs://bucket/m``: TF Serving reads it, the built-in server does not."""
+    return "://" in path
+
+
 def _uri_is_relative(path: str) -> bool:
     """``UriIsRelativePath``: no scheme, no host, not absolute."""
     return "://" not in path and not path.startswith("/")
@@ -141,11 +146,8 @@ def check(config) -> List[ModelSpec]:
         if _uri_is_relative(model.base_path):
             raise InvalidConfig("INVALID_ARGUMENT", f"Expected model {model.name} to have an absolute path or "
                                                     f"URI; got base_path()={model.base_path}")
-        if "://" in model.base_path and not model.base_path.startswith("file://"):
-            raise InvalidConfig("INVALID_ARGUMENT", f"model {model.name}: base_path {model.base_path}: the "
-                                                    "built-in server reads local folders only")
         path = model.base_path[len("file://"):] if model.base_path.startswith("file://") else model.base_path
-        specs.append(ModelSpec(model.name, os.path.normpath(path),
+        specs.append(ModelSpec(model.name, path if is_uri(path) else os.path.normpath(path),
                                policy_from_proto(model.model_version_policy),
                                tuple(sorted(model.version_labels.items()))))
     return specs

@@ -198,6 +198,11 @@ class ModelManager:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
+    def unload_all(self) -> None:
+        """Unloads every version (the model left the config); requests holding one still finish."""
+        for version in self.versions():
+            self._unload(version)
+
     def _run(self) -> None:
         while not self._stop.wait(self.poll_seconds):
             try:

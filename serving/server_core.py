@@ -125,6 +125,10 @@ class ServerCore:
             if config.WhichOneof("config") is None:
                 log.info("Taking no action for empty config.")
                 return
+            remote = next((s for s in specs if model_config.is_uri(s.base_path)), None)
+            if remote is not None:
+                raise ServingError("INVALID_ARGUMENT", f"model {remote.name}: base_path {remote.base_path}: the "
+                                                       "built-in server reads local folders only")
             labels = self._label_map(specs)
             current, models, added = self._models, {}, []
             for spec in specs:
@@ -143,8 +147,9 @@ class ServerCore:
             self._retired = {**self._retired, **{m.name: m for m in gone}}
             self._models, self._labels = models, labels
             self._specs = {spec.name: spec for spec in specs}
-            for manager in gone:
+            for manager in gone:   # TF Serving unloads a model that leaves the config
                 manager.stop()
+                manager.unload_all()
             log.info("serving %s", ", ".join(f"{s.name} ({s.policy.describe()}"
                                               + (f", labels {dict(s.labels)})" if s.labels else ")")
                                               for s in specs) or "no models")
@@ -178,9 +183,9 @@ class ServerCore:
                 try:
                     with open(path, encoding="utf-8") as f:
                         text = f.read()
-                    if text != last:
-                        last = text
+                    if text != last:   # until it is applied: TF Serving retries every poll too
                         self.reload(model_config.parse(text))
+                        last = text
                 except Exception as e:   # keep serving the config that works
                     log.error("--model_config_file %s: not reloaded: %s", path, str(e).splitlines()[0] if str(e)
                               else type(e).__name__)

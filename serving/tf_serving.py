@@ -47,6 +47,7 @@ def container_paths(specs: Sequence[model_config.ModelSpec], root: str) -> Dict[
 
     Raises ``ValueError`` when the models live in several folders (one mount cannot hold them).
     """
+    specs = [spec for spec in specs if not model_config.is_uri(spec.base_path)]   # gs:// stays as it is
     folders = sorted({os.path.dirname(spec.base_path.rstrip("/")) for spec in specs})
     if len(folders) > 1:
         raise ValueError(f"the models live in several folders ({', '.join(folders)}), so no one folder mounted "
@@ -67,6 +68,7 @@ def docker_command(specs: Sequence[model_config.ModelSpec], config_file: str, *,
     same way; ``flags``: other flags (``--enable_batching``), passed on as they are.
     """
     mounts: Dict[str, str] = {}   # host folder -> container folder
+    specs = [spec for spec in specs if not model_config.is_uri(spec.base_path)]   # TF Serving reads gs:// itself
     if root:
         container_paths(specs, root)   # raises when one mount cannot hold them
         for spec in specs[:1]:

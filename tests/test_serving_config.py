@@ -241,6 +241,30 @@ def test_labels_resolve_on_rest_and_grpc(served):
             assert (response.model_spec.name, response.model_spec.version.value) == ("shapes", version)
 
 
+def test_clients_and_predict_command_take_a_label(served, tmp_path, capfd):
+    from visiontune import cli
+    from visiontune.serving.client import GrpcClient, RestClient
+
+    url = f"http://127.0.0.1:{served.rest_port}"
+    assert RestClient(url, "shapes", label="canary").metadata()["model_spec"]["version"] == "2"
+    grpc_client = GrpcClient(served.grpc_target, "shapes", label="stable")
+    try:
+        assert grpc_client.predict_response({"image_bytes": np.array([png()], dtype=object)}).model_spec \
+            .version.value == 1
+    finally:
+        grpc_client.close()
+    image = tmp_path / "circle.png"
+    image.write_bytes(png(6))
+    for where in (["--server", url], ["--grpc", served.grpc_target]):
+        assert cli.main(["predict", *where, "--model", "shapes", "--label", "canary", str(image)]) == 0
+        assert str(image) in capfd.readouterr().out
+        assert cli.main(["predict", *where, "--model", "shapes", "--label", "nope", str(image)]) == 2
+        assert capfd.readouterr().err.strip().endswith("INVALID_ARGUMENT: Unrecognized servable version label: nope")
+    assert cli.main(["predict", "--server", url, "--model", "shapes", "--label", "canary", "--version", "1",
+                     str(image)]) == 2
+    assert "--version and --label both pick a version: pass one" in capfd.readouterr().err
+
+
 def test_unknown_labels_are_400_and_invalid_argument(served):
     image = png(3)
     channel, prediction_stub, _ = stubs(served.grpc_target)
@@ -271,7 +295,7 @@ def labels_text(**labels) -> str:
     return " ".join(f'version_labels {{ key: "{k}" value: {v} }}' for k, v in labels.items())
 
 
-def test_reload_adds_a_model_and_moves_a_label_without_dropping_requests(model_root):
+def test_reload_adds_a_model_and_moves_a_label_without_dropping_requests(model_root, tmp_path):
     shapes = model_root / "shapes"
     server = Served(RELOAD_BASE.format(shapes=shapes, labels="", extra=""))
     channel, prediction_stub, model_stub = stubs(server.grpc_target)
@@ -285,6 +309,7 @@ def test_reload_adds_a_model_and_moves_a_label_without_dropping_requests(model_r
                 answered[0] += 1
             except grpc.RpcError as e:
                 failures.append(f"{e.code()}: {e.details()}")
+            stop.wait(0.02)   # steady traffic, leaving the CPU to the reloads
 
     try:
         with channel:
@@ -315,6 +340,20 @@ def test_reload_adds_a_model_and_moves_a_label_without_dropping_requests(model_r
                 assert e.value.details() == ("Request to assign label to version 9 of model shapes, which is not "
                                              "currently available for inference")
                 assert grpc_predict(prediction_stub, "shapes", png(), label="stable").model_spec.version.value == 2
+
+                # A model whose versions fail to load: UNKNOWN, as TF Serving; it stays configured.
+                broken = tmp_path / "broken"
+                (broken / "1").mkdir(parents=True)
+                (broken / "1" / "saved_model.pb").write_bytes(b"not a SavedModel")
+                age(str(broken))
+                extra = EXTRA.replace('"extra"', '"broken"').replace("versions: 2", "versions: 1") % broken
+                with pytest.raises(grpc.RpcError) as e:
+                    reload(model_stub, RELOAD_BASE.format(shapes=shapes, labels=labels_text(stable=2), extra=extra))
+                assert e.value.code() == grpc.StatusCode.UNKNOWN
+                assert e.value.details().startswith("1 model(s) did not become available: {{name: broken due to "
+                                                    "error: "), e.value.details()
+                status, answer = rest(server.rest_port, "GET", "/v1/models/broken")
+                assert status == 200 and answer["model_version_status"][0]["state"] == "END", answer
 
                 # TF Serving's own checks: a model listed twice, a relative base path.
                 twice = RELOAD_BASE.format(shapes=shapes, labels="", extra=EXTRA.replace("extra", "shapes") % shapes)
@@ -381,6 +420,12 @@ def test_config_file_flag_mistakes_are_one_line(tmp_path, capfd):
     assert "pass --model-base-path" in err
     err = _one_line_exit_2(capfd, ["serve", "--builtin"])
     assert "pass --model-base-path" in err
+    path.write_text("model_config_list { config { name: 'a' base_path: 'gs://bucket/a' "
+                    "model_platform: 'tensorflow' } }")
+    err = _one_line_exit_2(capfd, ["serve", "--builtin", "--model_config_file", str(path), "--rest-port", "0",
+                                   "--grpc-port", str(_free_port())])
+    assert err.endswith(f"--model_config_file {path}: model a: base_path gs://bucket/a: the built-in server reads "
+                        "local folders only")
     err = _one_line_exit_2(capfd, ["serve", "--builtin", "--model-base-path", str(tmp_path),
                                    "--model_config_file_poll_wait_seconds", "5"])
     assert "re-reads --model_config_file; pass one" in err
@@ -397,27 +442,31 @@ def test_labels_at_start_need_the_flag_as_in_tf_serving(tmp_path, capfd):
             "currently available for inference (start with --allow_version_labels_for_unavailable_models") in err
 
 
+ONE_MODEL = ('model_config_list {{ config {{ name: "other" base_path: "{base}" model_platform: "tensorflow" '
+             '{labels} }} }}')
+
+
 def test_serve_command_polls_its_config_file(model_root, tmp_path):
     """``visiontune serve --model_config_file F --model_config_file_poll_wait_seconds S``: a label added to
     the file is served without a restart."""
     config = tmp_path / "models.config"
-    first = RELOAD_BASE.format(shapes=model_root / "shapes", labels="", extra="")
-    config.write_text(first)
+    config.write_text(ONE_MODEL.format(base=model_root / "other", labels=""))
     port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "visiontune.cli", "serve", "--builtin", "--model_config_file",
-                                str(config), "--model_config_file_poll_wait_seconds", "0.3", "--grpc-port", "0",
-                                "--rest-port", str(port), "--poll-seconds", "0.3"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "visiontune.cli", "serve", "--builtin",
+                                    "--model_config_file", str(config), "--model_config_file_poll_wait_seconds", "0.3",
+                                    "--grpc-port", "0", "--rest-port", str(port), "--poll-seconds", "0.3"],
+                                   stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
         line = process.stdout.readline()
-        assert "model 'shapes' from" in line and "versions [1, 2, 3]" in line, \
-            process.stderr.read() if process.poll() is not None else line
-        assert rest(port, "GET", "/v1/models/shapes/labels/stable")[0] == 400
+        assert "model 'other' from" in line and "versions [5]" in line, \
+            (tmp_path / "stderr.txt").read_text() if process.poll() is not None else line
+        assert rest(port, "GET", "/v1/models/other/labels/stable")[0] == 400
         aside = tmp_path / "models.config.new"   # as an editor saves it: whole, then renamed
-        aside.write_text(RELOAD_BASE.format(shapes=model_root / "shapes", labels=labels_text(stable=2), extra=""))
+        aside.write_text(ONE_MODEL.format(base=model_root / "other", labels=labels_text(stable=5)))
         os.replace(aside, config)
-        wait_until(lambda: rest(port, "GET", "/v1/models/shapes/labels/stable/metadata")[1]
-                   .get("model_spec", {}).get("version") == "2")
+        wait_until(lambda: rest(port, "GET", "/v1/models/other/labels/stable/metadata")[1]
+                   .get("model_spec", {}).get("version") == "5")
     finally:
         process.terminate()
         assert process.wait(timeout=60) == 0

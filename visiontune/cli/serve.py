@@ -91,6 +91,7 @@ def add_commands(sub) -> None:
     p.add_argument("--variant", choices=features.TFLITE_VARIANTS,
                    help="with --tflite and a folder: which model (default int8, else float16)")
     p.add_argument("--version", type=int, help="a version number (default: the latest)")
+    p.add_argument("--label", help="a version label instead (version_labels in the server's --model_config_file)")
     p.add_argument("--signature", help="signature name (default serving_default)")
     p.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
     p.add_argument("--batch-size", type=int, default=32, help="images per request (default 32)")
@@ -383,7 +384,8 @@ def cmd_predict(args) -> int:
 
     if args.tflite:
         server_options = [o for o, v in (("--server", args.server), ("--grpc", args.grpc), ("--model", args.model),
-                                          ("--version", args.version), ("--signature", args.signature)) if v]
+                                          ("--version", args.version), ("--signature", args.signature),
+                                          ("--label", args.label)) if v]
         if server_options:
             raise UserError(f"--tflite runs the model here: drop {', '.join(server_options)}")
     elif bool(args.server) == bool(args.grpc):
@@ -393,6 +395,8 @@ def cmd_predict(args) -> int:
         raise UserError("pass --model NAME: the served model's name")
     elif args.variant:
         raise UserError("--variant picks a TensorFlow Lite model: use it with --tflite")
+    elif args.label and args.version is not None:
+        raise UserError("--version and --label both pick a version: pass one")
     if args.top_k < 1 or args.batch_size < 1:
         raise UserError("--top-k and --batch-size must be at least 1")
     missing = [p for p in args.images if not os.path.isfile(p)]
@@ -408,9 +412,9 @@ def cmd_predict(args) -> int:
         client = TFLiteModel(args.tflite, args.variant, names)
         names = client.class_names or None
     elif args.grpc:
-        client = GrpcClient(args.grpc, args.model, args.version, args.signature, args.timeout)
+        client = GrpcClient(args.grpc, args.model, args.version, args.signature, args.timeout, label=args.label)
     else:
-        client = RestClient(args.server, args.model, args.version, args.signature, args.timeout)
+        client = RestClient(args.server, args.model, args.version, args.signature, args.timeout, label=args.label)
     try:
         results = classify_files(client, args.images, args.top_k, args.batch_size, names,
                                  masks_dir=args.masks_dir)
