@@ -113,10 +113,16 @@ def run_pipeline(config_path: str, overrides: Sequence[str]):
     return config, summary, wall, per_component
 
 
-def insert_row(marker: str, row: str) -> None:
-    """Puts ``row`` before the ``marker`` line of BENCHMARKS.md (the end of a quality table)."""
+def insert_row(marker: str, row: str, section: str = "") -> None:
+    """Puts ``row`` before the ``marker`` line of BENCHMARKS.md (the end of a table).
+
+    A missing marker: ``section`` (a heading, text and table ending in the marker) is appended first, or,
+    without one, the script stops.
+    """
     path = os.path.join(REPO, "BENCHMARKS.md")
     text = open(path).read()
+    if marker not in text and section:
+        text = text.rstrip("\n") + "\n" + section
     if marker not in text:
         raise SystemExit(f"{path}: no {marker!r} line to insert before")
     open(path, "w").write(text.replace(marker, row + "\n" + marker, 1))

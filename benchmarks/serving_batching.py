@@ -33,6 +33,7 @@ import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]
+import _perf_common as common  # noqa: E402
 from _serving_clients import Results, concurrent_clients, free_port, images, start_server, wait_ready  # noqa: E402
 
 MARKER = "<!-- serving_batching rows -->"
@@ -217,13 +218,7 @@ def main(argv=None) -> int:
            f"{' / '.join(f'{b:.2f}' for b in batches)} | {ceiling:.2f}x | {len(plain.errors) + len(batched.errors)} |")
     print(row)
     if args.write:
-        path = os.path.join(REPO, "BENCHMARKS.md")
-        with open(path) as f:
-            text = f.read()
-        if MARKER not in text:
-            text = text.rstrip("\n") + "\n" + SECTION
-        with open(path, "w") as f:
-            f.write(text.replace(MARKER, row + "\n" + MARKER))
+        common.insert_row(MARKER, row, SECTION)
     return 0 if not (plain.errors or batched.errors) else 1
 
 

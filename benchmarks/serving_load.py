@@ -42,6 +42,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]
+import _perf_common as common  # noqa: E402
 from _serving_clients import concurrent_clients, free_port, images, start_server  # noqa: E402
 
 MARKER = "<!-- serving_load rows -->"
@@ -220,13 +221,7 @@ def main(argv=None) -> int:
            f"{result['rss_peak']:.0f} / {end_rss:.0f} | {polls} | {fallback:.1f} s | {big_text} |")
     print(row)
     if args.write:
-        path = os.path.join(REPO, "BENCHMARKS.md")
-        with open(path) as f:
-            text = f.read()
-        if MARKER not in text:
-            text = text.rstrip("\n") + "\n" + SECTION
-        with open(path, "w") as f:
-            f.write(text.replace(MARKER, row + "\n" + MARKER))
+        common.insert_row(MARKER, row, SECTION)
     return 0 if not errors else 1
 
 
