@@ -17,6 +17,7 @@ already running, e.g.::
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import glob
 import json
@@ -187,11 +188,11 @@ def image_files(tmp_path_factory):
     return paths
 
 
-@pytest.fixture(scope="module", params=SERVER_KINDS)
-def served(request, model_dir, tmp_path_factory):
-    base = str(tmp_path_factory.mktemp(f"serving-{request.param}") / MODEL)
+@contextlib.contextmanager
+def serving(kind: str, model_dir: str, base: str):
+    """A server of ``kind`` with ``model_dir`` as its newest version (pushed as the next one to an external server)."""
     copy_version(model_dir, os.path.join(base, "1"))
-    server = start_server(request.param, base)
+    server = start_server(kind, base)
     try:
         if server.kind == "external":
             version = max([int(v) for v in os.listdir(server.base_path) if v.isdigit()], default=0) + 1
@@ -202,6 +203,12 @@ def served(request, model_dir, tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def served(request, model_dir, tmp_path_factory):
+    with serving(request.param, model_dir, str(tmp_path_factory.mktemp(f"serving-{request.param}") / MODEL)) as server:
+        yield server
 
 
 def _assert_same(got, expected):

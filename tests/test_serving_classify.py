@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import SHAPE_CLASSES
-from tests.test_serving import MODEL, SERVER_KINDS, copy_version, start_builtin, start_server
+from tests.test_serving import MODEL, SERVER_KINDS, serving, start_builtin
 from visiontune import features
 
 CLASSIFICATION = features.CLASSIFY_SIGNATURE
@@ -30,18 +30,8 @@ CLASSIFICATION = features.CLASSIFY_SIGNATURE
 @pytest.fixture(scope="module", params=SERVER_KINDS)
 def served(request, exported_model, tmp_path_factory):
     base = str(tmp_path_factory.mktemp(f"classify-{request.param}") / MODEL)
-    copy_version(exported_model.serving_model_dir, os.path.join(base, "1"))
-    server = start_server(request.param, base)
-    try:
-        if server.kind == "external":
-            version = max([int(v) for v in os.listdir(server.base_path) if v.isdigit()], default=0) + 1
-            copy_version(exported_model.serving_model_dir, os.path.join(server.base_path, str(version)))
-            server.wait_available(version)
-        else:
-            server.wait_available(1)
+    with serving(request.param, exported_model.serving_model_dir, base) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -171,7 +171,7 @@ def write_tf_serving_files(args) -> list:
     return flags
 
 
-def tf_serving_flags(args) -> list:
+def _batching_and_monitoring_flags(args) -> list:
     """The batching and monitoring flags for tensorflow_model_server: the user's files, or metrics on as ours."""
     import tempfile
 
@@ -251,7 +251,7 @@ def _single_model(args):
     return model_config.single_model(name, base, num_versions)
 
 
-def _tf_serving_flags(args) -> list:
+def _passed_on_flags(args) -> list:
     """TF Serving's own flags given to ``serve``, passed on to ``tensorflow_model_server`` as they are."""
     flags = []
     if args.allow_unavailable_labels:
@@ -275,7 +275,7 @@ def cmd_serve(args) -> int:
         command = tf_serving_command(binary, spec.name, spec.base_path, grpc_port=args.grpc_port,
                                      rest_port=args.rest_port, num_versions=spec.policy.num_versions,
                                      poll_seconds=args.poll_seconds, config_file=args.model_config_file,
-                                     extra=_tf_serving_flags(args) + tf_serving_flags(args))
+                                     extra=_passed_on_flags(args) + _batching_and_monitoring_flags(args))
         print(f"running TF Serving: {' '.join(command)}", flush=True)
         if args.host not in ("127.0.0.1", "0.0.0.0"):
             print("note: tensorflow_model_server listens on all interfaces; --host is ignored",
@@ -303,7 +303,7 @@ def write_config(args, specs, written=()) -> int:
         raise UserError(f"--write-config {args.write_config}: cannot be written: {e.strerror or e}") from None
     print(f"wrote {args.write_config} ({len(specs)} model(s)); serve it with TF Serving:", flush=True)
     file_flags = [tuple(flag.split("=", 1)) for flag in written if flag.split("=", 1)[0].endswith("_file")]
-    flags = _tf_serving_flags(args) + [flag for flag in written if flag.split("=", 1)[0] not in dict(file_flags)]
+    flags = _passed_on_flags(args) + [flag for flag in written if flag.split("=", 1)[0] not in dict(file_flags)]
     print(docker_command(specs, os.path.abspath(args.write_config), root=args.config_root, file_flags=file_flags,
                          flags=flags, grpc_port=args.grpc_port or 8500,
                          rest_port=args.rest_port or 8501), flush=True)
