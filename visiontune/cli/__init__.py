@@ -114,14 +114,17 @@ class _HeldErrors(logging.Filter):
     def release(self, show: bool) -> None:
         if self._hook is not None:
             threading.excepthook, self._hook = self._hook, None
-        if self.handler is not None:
-            self.handler.removeFilter(self)
+        # Forgotten here: a later command in the same process (tests call main() in turn) that holds
+        # nothing must not flush this one, whose stream may be closed by then.
+        handler, self.handler = self.handler, None
+        if handler is not None:
+            handler.removeFilter(self)
         held, self.held = self.held, []
-        if show and self.handler is not None:
+        if show and handler is not None:
             for record in held:
-                text = record if isinstance(record, str) else self.handler.format(record)
-                self.handler.stream.write(text + self.handler.terminator)
-            self.handler.flush()
+                text = record if isinstance(record, str) else handler.format(record)
+                handler.stream.write(text + handler.terminator)
+            handler.flush()
 
 
 _held_errors = _HeldErrors()
