@@ -24,10 +24,12 @@ are refused).  An unknown label is INVALID_ARGUMENT, for any model name.
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from visiontune.serving import model_config
+from visiontune.serving import model_config, version_scan
 from visiontune.serving.model_config import InvalidConfig, ModelSpec
 from visiontune.serving.model_server import END, Limits, ModelManager, Servable, ServingError, VersionStatus, invalid
 
@@ -138,7 +140,12 @@ class ServerCore:
                     added.append(manager)
                 models[spec.name] = manager
             for manager in added:   # loaded before they join: no request sees a model without versions
-                manager.start(wait_seconds=wait_seconds)
+                manager.start()
+            deadline = time.monotonic() + wait_seconds
+            for manager in added:   # until a version is up, or failed (ServableStateMonitor's terminal states)
+                while (not manager.versions() and not _load_error(manager) and time.monotonic() < deadline
+                       and _expects_a_version(manager)):
+                    time.sleep(0.05)
             gone = [m for name, m in current.items() if models.get(name) is not m]
             self._retired = {**self._retired, **{m.name: m for m in gone}}
             self._models, self._labels = models, labels
@@ -208,3 +215,10 @@ def _load_error(manager: ModelManager) -> str:
     except ServingError:
         return ""   # nothing on disk yet: it waits for a push, as in TF Serving
     return next((s.error_message for s in states if s.state == END and s.error_code != "OK"), "")
+
+
+def _expects_a_version(manager: ModelManager) -> bool:
+    """Whether a complete version folder on disk is one the model's policy serves (so it is worth waiting for)."""
+    complete = [v for v, path in version_scan.versions_on_disk(manager.base_path).items()
+                if os.path.exists(os.path.join(path, "saved_model.pb"))]
+    return bool(manager.policy.select(complete))
