@@ -132,15 +132,20 @@ class ServerCore:
             current, models, added = self._models, {}, []
             for spec in specs:
                 manager = current.get(spec.name)
-                if manager is not None and manager.base_path == spec.base_path:
-                    manager.policy = spec.policy   # applied at its next scan
-                else:
+                if manager is None or manager.base_path != spec.base_path:
                     manager = ModelManager(spec.name, spec.base_path, poll_seconds=self.poll_seconds,
                                            limits=self._limits, warmup=self.warmup, policy=spec.policy)
                     added.append(manager)
                 models[spec.name] = manager
-            for manager in added:   # loaded before they join: no request sees a model without versions
-                manager.start()
+            try:
+                for manager in added:   # loaded before they join: no request sees a model without versions
+                    manager.start()
+            except OSError as e:   # a base path that cannot be listed: nothing changes
+                for manager in added:
+                    manager.stop()
+                raise ServingError("UNKNOWN", f"cannot read a base path: {e}") from None
+            for spec in specs:   # the models that stay: applied at their next scan, loading before unloading
+                models[spec.name].policy = spec.policy
             deadline = time.monotonic() + wait_seconds
             for manager in added:   # until a version is up, or failed (ServableStateMonitor's terminal states)
                 while (not manager.versions() and not _load_error(manager) and time.monotonic() < deadline
@@ -159,7 +164,7 @@ class ServerCore:
             failed = {m.name: _load_error(m) for m in added}
             failed = {name: error for name, error in failed.items() if error}
             if failed:   # configured all the same, as in TF Serving (they load when their files change)
-                details = "".join(f"{{name: {name} due to error: {error}}}, " for name, error in failed.items())
+                details = "".join(f"{{{error}}}, " for error in failed.values())
                 raise ServingError("UNKNOWN", f"{len(failed)} model(s) did not become available: {{{details}}}")
 
     def _label_map(self, specs: List[ModelSpec]) -> Dict[str, Dict[str, int]]:
@@ -207,14 +212,15 @@ class ServerCore:
 
 
 def _load_error(manager: ModelManager) -> str:
-    """Why a model has no available version ("" when it has one, or no version on disk yet)."""
+    """Why a model has no available version, as TF Serving says it ("" when it has one, or none on disk yet)."""
     if manager.versions():
         return ""
     try:
         states = manager.status(manager.name)
     except ServingError:
         return ""   # nothing on disk yet: it waits for a push, as in TF Serving
-    return next((s.error_message for s in states if s.state == END and s.error_code != "OK"), "")
+    return next((f"{{name: {manager.name} version: {s.version}}} due to error: {s.error_message}"
+                 for s in states if s.state == END and s.error_code != "OK"), "")
 
 
 def _expects_a_version(manager: ModelManager) -> bool:
