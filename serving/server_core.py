@@ -24,10 +24,12 @@ are refused).  An unknown label is INVALID_ARGUMENT, for any model name.
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from visiontune.serving import batching, metrics, model_config
+from visiontune.serving import batching, metrics, model_config, version_scan
 from visiontune.serving.model_config import InvalidConfig, ModelSpec
 from visiontune.serving.model_server import END, Limits, ModelManager, Servable, ServingError, VersionStatus, invalid
 
@@ -133,16 +135,26 @@ class ServerCore:
             current, models, added = self._models, {}, []
             for spec in specs:
                 manager = current.get(spec.name)
-                if manager is not None and manager.base_path == spec.base_path:
-                    manager.policy = spec.policy   # applied at its next scan
-                else:
+                if manager is None or manager.base_path != spec.base_path:
                     manager = ModelManager(spec.name, spec.base_path, poll_seconds=self.poll_seconds,
                                            limits=self._limits, warmup=self.warmup, policy=spec.policy)
                     manager.metrics, manager.batcher = self.metrics, self.batcher
                     added.append(manager)
                 models[spec.name] = manager
-            for manager in added:   # loaded before they join: no request sees a model without versions
-                manager.start(wait_seconds=wait_seconds)
+            try:
+                for manager in added:   # loaded before they join: no request sees a model without versions
+                    manager.start()
+            except OSError as e:   # a base path that cannot be listed: nothing changes
+                for manager in added:
+                    manager.stop()
+                raise ServingError("UNKNOWN", f"cannot read a base path: {e}") from None
+            for spec in specs:   # the models that stay: applied at their next scan, loading before unloading
+                models[spec.name].policy = spec.policy
+            deadline = time.monotonic() + wait_seconds
+            for manager in added:   # until a version is up, or failed (ServableStateMonitor's terminal states)
+                while (not manager.versions() and not _load_error(manager) and time.monotonic() < deadline
+                       and _expects_a_version(manager)):
+                    time.sleep(0.05)
             gone = [m for name, m in current.items() if models.get(name) is not m]
             self._retired = {**self._retired, **{m.name: m for m in gone}}
             self._models, self._labels = models, labels
@@ -156,7 +168,7 @@ class ServerCore:
             failed = {m.name: _load_error(m) for m in added}
             failed = {name: error for name, error in failed.items() if error}
             if failed:   # configured all the same, as in TF Serving (they load when their files change)
-                details = "".join(f"{{name: {name} due to error: {error}}}, " for name, error in failed.items())
+                details = "".join(f"{{{error}}}, " for error in failed.values())
                 raise ServingError("UNKNOWN", f"{len(failed)} model(s) did not become available: {{{details}}}")
 
     def _label_map(self, specs: List[ModelSpec]) -> Dict[str, Dict[str, int]]:
@@ -204,11 +216,19 @@ class ServerCore:
 
 
 def _load_error(manager: ModelManager) -> str:
-    """Why a model has no available version ("" when it has one, or no version on disk yet)."""
+    """Why a model has no available version, as TF Serving says it ("" when it has one, or none on disk yet)."""
     if manager.versions():
         return ""
     try:
         states = manager.status(manager.name)
     except ServingError:
         return ""   # nothing on disk yet: it waits for a push, as in TF Serving
-    return next((s.error_message for s in states if s.state == END and s.error_code != "OK"), "")
+    return next((f"{{name: {manager.name} version: {s.version}}} due to error: {s.error_message}"
+                 for s in states if s.state == END and s.error_code != "OK"), "")
+
+
+def _expects_a_version(manager: ModelManager) -> bool:
+    """Whether a complete version folder on disk is one the model's policy serves (so it is worth waiting for)."""
+    complete = [v for v, path in version_scan.versions_on_disk(manager.base_path).items()
+                if os.path.exists(os.path.join(path, "saved_model.pb"))]
+    return bool(manager.policy.select(complete))

@@ -350,8 +350,9 @@ def test_reload_adds_a_model_and_moves_a_label_without_dropping_requests(model_r
                 with pytest.raises(grpc.RpcError) as e:
                     reload(model_stub, RELOAD_BASE.format(shapes=shapes, labels=labels_text(stable=2), extra=extra))
                 assert e.value.code() == grpc.StatusCode.UNKNOWN
-                assert e.value.details().startswith("1 model(s) did not become available: {{name: broken due to "
-                                                    "error: "), e.value.details()
+                # TF Serving's wording: "{" + "{" + ServableId.DebugString() + " due to error: ..." + "}, " + "}".
+                assert e.value.details().startswith("1 model(s) did not become available: {{{name: broken version: "
+                                                    "1} due to error: OSError: "), e.value.details()
                 status, answer = rest(server.rest_port, "GET", "/v1/models/broken")
                 assert status == 200 and answer["model_version_status"][0]["state"] == "END", answer
 
@@ -366,6 +367,12 @@ def test_reload_adds_a_model_and_moves_a_label_without_dropping_requests(model_r
                 assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 assert e.value.details() == ("Expected model shapes to have an absolute path or URI; "
                                              "got base_path()=serving/shapes")
+
+                # A new policy for a model that stays: versions 1 and 2 leave, 3 keeps answering.
+                reload(model_stub, RELOAD_BASE.format(shapes=shapes, labels="", extra="").replace(
+                    "all {}", "latest { num_versions: 1 }"))
+                wait_until(lambda: rest_states(server.rest_port, "shapes") == {3: "AVAILABLE", 2: "END", 1: "END"})
+                assert available(grpc_states(model_stub, "shapes")) == [3]
             finally:
                 stop.set()
                 worker.join(timeout=120)
