@@ -29,7 +29,7 @@ def test_ctrl_c_during_run_stops_with_one_line_and_the_next_run_reuses_what_fini
     assert "Traceback" not in stderr, stderr[-3000:]
     last = stderr.splitlines()[-1]
     assert last == (f"visiontune run: stopped (Ctrl-C): the components that finished are kept in "
-                    f"{stopped_run.out}: the same command again reuses them (cached)"), stderr[-3000:]
+                    f"{stopped_run.interrupted_out}: the same command again reuses them (cached)"), stderr[-3000:]
     assert MODEL_NAME not in stopped_run.serving_after_interrupt  # nothing pushed
 
     # The same command again: everything before the Trainer is reused.
