@@ -139,9 +139,7 @@ def main(argv=None) -> int:
     row = (f"| {common.today()} | `{common.command()}`{' ' + args.note if args.note else ''} | {common.machine()} "
            f"| {load} | {model} | {args.runs} | {' | '.join(cells)} |")
     print(HEADER)
-    print(row)
-    if not args.no_write:
-        common.append_rows(TITLE, INTRO, HEADER, [row])
+    common.publish(TITLE, INTRO, HEADER, [row], write=not args.no_write)
     return 0
 
 

@@ -35,6 +35,7 @@ import os
 from typing import Any, Dict
 
 from visiontune import features
+from visiontune.components import local_files
 from visiontune.errors import UserError
 from visiontune.pipeline import run_files
 from visiontune.pipeline.figures import THUMBNAIL
@@ -109,10 +110,10 @@ def write_report(output_dir: str, report_dir: str = "", max_eval_examples: int =
     previous = run_files.read_json(os.path.join(report_dir, DATA_FILE)) or {}
     data = {**data, "figure_files": sorted(figures)}
     for name, png in figures.items():
-        _write_aside(os.path.join(report_dir, name), png)
-    _write_aside(os.path.join(report_dir, DATA_FILE), json.dumps(data, indent=2, default=str).encode("utf-8"))
+        local_files.write_atomically(os.path.join(report_dir, name), png)
+    local_files.write_atomically(os.path.join(report_dir, DATA_FILE), json.dumps(data, indent=2, default=str))
     index = os.path.join(report_dir, INDEX_FILE)
-    _write_aside(index, render_html(data, figures).encode("utf-8"))
+    local_files.write_atomically(index, render_html(data, figures))
     for name in previous.get("figure_files") or ():
         # Only names our own earlier report wrote, and only plain file names inside report_dir.
         if name not in figures and name == os.path.basename(name) and name.endswith(".png"):
@@ -121,10 +122,3 @@ def write_report(output_dir: str, report_dir: str = "", max_eval_examples: int =
             except FileNotFoundError:
                 pass
     return index
-
-
-def _write_aside(path: str, data: bytes) -> None:
-    partial = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
-    with open(partial, "wb") as f:
-        f.write(data)
-    os.replace(partial, path)

@@ -19,6 +19,7 @@ import dataclasses
 import os
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
+from visiontune.components import local_files
 from visiontune.errors import UserError
 
 PLATFORM = "tensorflow"
@@ -221,13 +222,5 @@ def to_text(config) -> str:
 
 def write(config, path: str) -> None:
     """Writes ``config`` in text format, atomically (aside, then renamed over ``path``)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "w", encoding="utf-8") as f:
-            f.write(to_text(config))
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    local_files.write_atomically(path, to_text(config))

@@ -144,16 +144,12 @@ def check_metrics_and_batching_args(args) -> None:
 
 
 def _write_atomically(path: str, text: str, option: str) -> None:
-    path = os.path.abspath(path)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    from visiontune.components.local_files import write_atomically
+
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        write_atomically(path, text)
     except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise UserError(f"{option} {path}: cannot write it: {e.strerror or e}") from None
+        raise UserError(f"{option} {os.path.abspath(path)}: cannot write it: {e.strerror or e}") from None
 
 
 def write_tf_serving_files(args) -> list:
