@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pytest
@@ -111,16 +111,18 @@ def start_builtin(base_path: str, name: str = MODEL, **limits) -> Served:
     return Served("builtin", rest.url, grpc_server.target, name, base_path, stop, manager)
 
 
-def start_tf_serving(base_path: str, name: str = MODEL) -> Served:
+def start_tf_serving(base_path: str, name: str = MODEL, config_text: Optional[str] = None,
+                     flags: Sequence[str] = ()) -> Served:
+    """Real TF Serving on ``base_path`` (latest 2 versions), or on ``config_text`` (a ModelServerConfig)."""
     from visiontune.serving.tf_serving import tf_serving_config
 
     config = os.path.join(os.path.dirname(base_path), f"{name}.config")
     with open(config, "w") as f:
-        f.write(tf_serving_config(name, base_path, 2))
+        f.write(config_text or tf_serving_config(name, base_path, 2))
     rest_port, grpc_port = _free_port(), _free_port()
     process = subprocess.Popen([shutil.which("tensorflow_model_server"), f"--port={grpc_port}",
                                 f"--rest_api_port={rest_port}", f"--model_config_file={config}",
-                                "--file_system_poll_wait_seconds=1"])
+                                *flags, "--file_system_poll_wait_seconds=1"])
 
     def stop():
         process.terminate()

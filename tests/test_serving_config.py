@@ -25,7 +25,7 @@ import grpc
 import numpy as np
 import pytest
 
-from tests.test_serving import _free_port, copy_version
+from tests.test_serving import _free_port, copy_version, start_tf_serving
 
 IMAGE_CONFIG = """model_config_list {{
   config {{
@@ -555,16 +555,6 @@ def test_hand_off_passes_the_config_file_and_tf_serving_flags_on(tmp_path):
 
 # ---------------------------------------------------------------- the same labels on real TF Serving
 
-def start_real_tf_serving(config_text: str, folder):
-    config = folder / "models.config"
-    config.write_text(config_text)
-    rest_port, grpc_port = _free_port(), _free_port()
-    process = subprocess.Popen([shutil.which("tensorflow_model_server"), f"--port={grpc_port}",
-                                f"--rest_api_port={rest_port}", f"--model_config_file={config}",
-                                "--allow_version_labels_for_unavailable_models", "--file_system_poll_wait_seconds=1"])
-    return process, rest_port, f"127.0.0.1:{grpc_port}"
-
-
 @pytest.mark.parametrize("kind", ["builtin", "tfserving"])
 def test_labels_and_reload_on_both_servers(kind, model_root, tmp_path):
     """The label requests and the reload of the tests above, against the built-in server and real TF Serving
@@ -576,8 +566,9 @@ def test_labels_and_reload_on_both_servers(kind, model_root, tmp_path):
     else:
         if not shutil.which("tensorflow_model_server"):
             pytest.skip("real TF Serving: no tensorflow_model_server on PATH")
-        process, rest_port, target = start_real_tf_serving(text, tmp_path)
-        stop = lambda: (process.terminate(), process.wait(timeout=30))   # noqa: E731
+        real = start_tf_serving(str(tmp_path / "shapes"), "shapes", config_text=text,
+                                flags=["--allow_version_labels_for_unavailable_models"])
+        rest_port, target, stop = int(real.rest_url.rsplit(":", 1)[1]), real.grpc_target, real.stop
     image = png(5)
     channel, prediction_stub, model_stub = stubs(target)
     try:
