@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -217,12 +218,29 @@ class EpochTimer(tf_keras.callbacks.Callback):
             logs["learning_rate"] = float(tf_keras.backend.get_value(lr))
 
 
-def _callbacks(train: configs.TrainingConfig, log_dir: str) -> list:
+def cosine_learning_rate(phase: configs.PhaseConfig, epoch_in_phase: int) -> float:
+    """The cosine schedule's rate for an epoch of the phase (0-based): ``learning_rate`` at its
+    first epoch, falling along half a cosine over ``epochs + 1`` steps, so that the last epoch
+    still learns at a small rate instead of at 0."""
+    progress = min(max(epoch_in_phase, 0), phase.epochs) / (phase.epochs + 1)
+    return phase.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _callbacks(train: configs.TrainingConfig, log_dir: str,
+               phase: Optional[configs.PhaseConfig] = None, first_epoch: int = 0) -> list:
     """The Trainer's callbacks, EarlyStopping and ReduceLROnPlateau last (the resume state's
-    ``EpochStateSaver`` follows them and records their decision on each epoch)."""
+    ``EpochStateSaver`` follows them and records their decision on each epoch).
+
+    ``first_epoch`` is the phase's first epoch in ``model.fit``'s numbering (the
+    phases count on from each other), from which a cosine schedule counts.
+    """
     cbs = [EpochTimer(),
            tf_keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch", profile_batch=0)]
-    if train.reduce_lr_patience:
+    cosine = phase is not None and phase.schedule == "cosine"
+    if cosine:
+        cbs.append(tf_keras.callbacks.LearningRateScheduler(
+            lambda epoch, lr: cosine_learning_rate(phase, epoch - first_epoch)))
+    if train.reduce_lr_patience and not cosine:
         cbs.append(tf_keras.callbacks.ReduceLROnPlateau(
             monitor="val_loss", factor=train.reduce_lr_factor, patience=train.reduce_lr_patience,
             min_lr=1e-7, verbose=1))
@@ -337,7 +355,7 @@ def fit_phases(model: tf_keras.Model, config: configs.Config, train_ds, eval_ds,
         counts = model_lib.count_params(model)
         log.info("phase %s: %d epochs, lr %g, backbone %s (%d layers train), params %s",
                  name, phase.epochs, phase.learning_rate, phase.backbone, len(trainable), counts)
-        callbacks = _callbacks(train, log_dir)
+        callbacks = _callbacks(train, log_dir, phase, first)
         saver = training_state.EpochStateSaver(writer, name, history, callbacks, counts["trainable"],
                                                resume=phase_resume)
         model.fit(train_ds, validation_data=eval_ds, epochs=epoch, initial_epoch=initial,

@@ -4,6 +4,7 @@ epoch, early stopping and learning-rate reduction, mixed precision."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import numpy as np
@@ -183,6 +184,41 @@ def test_early_stopping_and_reduce_lr_with_patience_restore_the_best_weights(sha
     # The phase ends with the best epoch's weights.
     loss = model.evaluate(eval_ds, verbose=0)[0]
     assert loss == pytest.approx(history[0]["val_loss"], rel=1e-4)
+
+
+def test_a_cosine_phase_follows_its_curve_without_plateau_cuts_and_a_resume_keeps_it(
+        shapes_transformed, tmp_path):
+    """Cosine fine-tuning: each epoch's rate is the curve's (counted from the phase's own first
+    epoch), ReduceLROnPlateau is off even when validation gets worse, and a run killed mid-phase
+    resumes on the same curve."""
+    from tests.test_resume import _KillAt
+
+    settings = dict(warmup={"epochs": 2, "learning_rate": 1e-3},
+                    fine_tune={"epochs": 4, "learning_rate": 1e-4, "backbone": "frozen",
+                               "schedule": "cosine"},
+                    early_stopping_patience=0, reduce_lr_patience=1, reduce_lr_factor=0.5)
+    config = trainer_config(**settings)
+    curve = [1e-4 * 0.5 * (1 + math.cos(math.pi * k / 5)) for k in range(4)]
+    assert [trainer.cosine_learning_rate(config.training.fine_tune, k) for k in range(4)] == pytest.approx(curve)
+
+    def fit(state, callbacks=()):
+        train_ds, eval_ds = _datasets(shapes_transformed, config)
+        model = model_lib.create_model(config.model, 3)
+        return trainer.fit_phases(model, config, train_ds, eval_ds, str(tmp_path / state),
+                                  str(tmp_path / "logs"), extra_callbacks=list(callbacks))
+
+    # The head is spoiled after the warm-up: validation worsens, and only the schedule moves the rate.
+    history = fit("a", [_SpoilHeadFrom(2)])
+    rates = [r["learning_rate"] for r in history]
+    assert rates == pytest.approx([1e-3, 1e-3] + curve, rel=1e-5)
+    # (Patience 1 would have cut the rate: a later fine-tuning epoch is no better than its first.)
+    assert max(r["val_loss"] for r in history[3:]) >= history[2]["val_loss"]
+
+    with pytest.raises(KeyboardInterrupt):
+        fit("b", [_KillAt(4)])
+    resumed = fit("b")
+    assert [r["epoch"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [r["learning_rate"] for r in resumed][2:] == pytest.approx(curve, rel=1e-5)
 
 
 # --------------------------------------------------------------------------- mixed precision

@@ -28,6 +28,8 @@ CONTRASTS = ("none", "autocontrast", "equalize")
 OPTIMIZERS = ("adam", "sgd", "rmsprop", "adamw")
 # What ``components.model.apply_fine_tune_policy`` understands.
 PHASE_POLICIES = ("frozen", "all", "freeze_first", "train_last", "last_block")
+# What ``components.trainer`` does with a phase's learning rate from epoch to epoch.
+SCHEDULES = ("constant", "cosine")
 EVAL_SPLITS = ("eval", "test")
 SEGMENTATION_OUTPUTS = ("softmax", "sigmoid")
 SEGMENTATION_CLASSES = ["background", "foreground"]
@@ -212,12 +214,19 @@ class PhaseConfig:
       layers: the layer count of ``freeze_first`` and ``train_last`` (>= 1
         with those policies), counting the backbone's own layers, BatchNorm
         included.
+      schedule: ``constant``: ``learning_rate`` throughout, lowered only by
+        ``training.reduce_lr_*`` when validation stalls; ``cosine``: decays
+        from ``learning_rate`` towards 0 along half a cosine over the phase's
+        epochs (set at each epoch's start, so a resumed run follows the same
+        curve), and ``reduce_lr_*`` is off in this phase.  A schedule of known
+        length spends no epochs waiting for a plateau to be noticed.
     """
 
     epochs: int = setting(0, ge=0)
     learning_rate: float = setting(1e-3, gt=0.0)
     backbone: str = setting("frozen", choices=PHASE_POLICIES)
     layers: int = setting(0, ge=0)
+    schedule: str = setting("constant", choices=SCHEDULES)
 
 
 @dataclasses.dataclass
