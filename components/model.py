@@ -240,6 +240,37 @@ def create_model(model_cfg: configs.ModelConfig, num_classes: int,
     return model
 
 
+ENSEMBLE_MEMBER_PREFIX = "member_"
+
+
+def create_ensemble(members: Sequence[tf_keras.Model]) -> tf_keras.Model:
+    """One classifier averaging the probabilities of ``members`` (same input, same classes).
+
+    The members stay whole sub-models (``member_0``, ``member_1``, ...), each
+    with its own preprocessing, so the ensemble takes the same uint8 pixels
+    and serves through the same signatures as a single model.  The output is
+    a float32 average named like a single model's output layer.
+    """
+    if len(members) == 1:
+        return members[0]
+    inputs = tf_keras.Input(shape=members[0].input_shape[1:], dtype=members[0].input.dtype, name="image")
+    outputs = []
+    for k, member in enumerate(members):
+        member._name = f"{ENSEMBLE_MEMBER_PREFIX}{k}"
+        outputs.append(member(inputs))
+    average = tf_keras.layers.Average(dtype="float32", name=OUTPUT_LAYER_NAME)(outputs)
+    model = tf_keras.Model(inputs, average, name=f"ensemble_of_{len(members)}")
+    model.pretrained_backbone = members[0].pretrained_backbone
+    return model
+
+
+def ensemble_members(model: tf_keras.Model) -> List[tf_keras.Model]:
+    """The members of an ensemble built by ``create_ensemble``; ``[model]`` for a single model."""
+    members = [layer for layer in model.layers if isinstance(layer, tf_keras.Model)
+               and layer.name.startswith(ENSEMBLE_MEMBER_PREFIX)]
+    return members or [model]
+
+
 def get_backbone_model(model: tf_keras.Model) -> tf_keras.Model:
     return model.get_layer(BACKBONE_LAYER_NAME)
 

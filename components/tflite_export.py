@@ -117,9 +117,14 @@ def pixel_model(model: tf_keras.Model) -> tf_keras.Model:
     mixed = any(layer.dtype_policy.name != "float32" for layer in _all_layers(model)
                 if not isinstance(layer, tf_keras.layers.InputLayer))
 
+    members = model_lib.ensemble_members(model)
+
     def clone(layer):
         if isinstance(layer, model_lib.Equalize):
             return BuiltinEqualize(name=layer.name)
+        if len(members) > 1 and any(layer is m for m in members):
+            # An ensemble member: cloned layer by layer too, so its own Equalize is replaced.
+            return tf_keras.models.clone_model(layer, clone_function=clone)
         if mixed:
             return layer.__class__.from_config(_float32_config(layer.get_config()))
         return layer
@@ -250,13 +255,16 @@ _INSIDE = {model_lib.InferenceCenterCrop: "centre crop", model_lib.Autocontrast:
 
 
 def _inside(model: tf_keras.Model) -> List[str]:
-    """The preprocessing steps inside the model, in order."""
+    """The preprocessing steps inside the model, in order (an ensemble: each member's)."""
+    members = model_lib.ensemble_members(model)
     steps = ["cast to float"]
-    for layer in model.layers:
+    for layer in members[0].layers:
         for cls, what in _INSIDE.items():
             if isinstance(layer, cls):
                 fraction = getattr(layer, "fraction", None)
                 steps.append(f"{what} {fraction:g}" if fraction is not None else what)
+    if len(members) > 1:
+        steps.append(f"the average of {len(members)} members' probabilities")
     return steps
 
 

@@ -376,6 +376,43 @@ def state_key(fn_args, custom_config: Dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def member_state_dir(state_dir: str, member: int) -> str:
+    """Where ensemble member ``member`` keeps its resume state (the first: ``state_dir`` itself,
+    so a single model's state is where it always was)."""
+    return state_dir if member == 0 else f"{state_dir}-member{member}"
+
+
+def _train_member(fn_args, config: configs.Config, classes: List[str], size: int, strategy,
+                  segmentation, member: int, state_dir: str):
+    """Builds and trains one model (ensemble member ``member``, seeded ``training.seed + member``):
+    (model, history).  A member whose state says it finished is restored, not trained again."""
+    train = config.training
+    seed = train.seed + member
+    tf_keras.utils.set_random_seed(seed)
+    if segmentation is not None:
+        data_kw = dict(image_size=size, batch_size=train.batch_size, seed=seed,
+                       sigmoid=segmentation.output == "sigmoid")
+        train_ds = create_segmentation_dataset(fn_args.train_files, training=True,
+                                               augmentation=train.augmentation, **data_kw)
+        eval_ds = create_segmentation_dataset(fn_args.eval_files, training=False, **data_kw)
+        with strategy.scope():
+            model = segmentation_model.create_segmentation_model(
+                config.model, segmentation, len(classes), train.augmentation, seed)
+        model.task = "segmentation"
+    else:
+        data_kw = dict(image_size=size, batch_size=train.batch_size, seed=seed,
+                       num_classes=len(classes), one_hot=train.label_smoothing > 0)
+        train_ds = create_dataset(fn_args.train_files, training=True, **data_kw)
+        eval_ds = create_dataset(fn_args.eval_files, training=False, **data_kw)
+        with strategy.scope():
+            model = model_lib.create_model(config.model, len(classes), train.augmentation, seed)
+    if config.model.ensemble_size > 1:
+        print(f"training ensemble member {member + 1}/{config.model.ensemble_size} (seed {seed})", flush=True)
+    with strategy.scope():
+        history = fit_phases(model, config, train_ds, eval_ds, state_dir, fn_args.model_run_dir)
+    return model, history
+
+
 def run_fn(fn_args) -> None:
     """TFX Trainer entry point (``custom_config``: ``config``, ``classes``, ``state_root``)."""
     custom = fn_args.custom_config
@@ -390,29 +427,19 @@ def run_fn(fn_args) -> None:
     tf_transform_output = tft.TFTransformOutput(fn_args.transform_output)
 
     segmentation = configs.segmentation_settings(config)
-    if segmentation is not None:
-        data_kw = dict(image_size=size, batch_size=train.batch_size, seed=train.seed,
-                       sigmoid=segmentation.output == "sigmoid")
-        train_ds = create_segmentation_dataset(fn_args.train_files, training=True,
-                                               augmentation=train.augmentation, **data_kw)
-        eval_ds = create_segmentation_dataset(fn_args.eval_files, training=False, **data_kw)
-        with strategy.scope():
-            model = segmentation_model.create_segmentation_model(
-                config.model, segmentation, len(classes), train.augmentation, train.seed)
-        model.task = "segmentation"
-    else:
-        one_hot = train.label_smoothing > 0
-        data_kw = dict(image_size=size, batch_size=train.batch_size, seed=train.seed,
-                       num_classes=len(classes), one_hot=one_hot)
-        train_ds = create_dataset(fn_args.train_files, training=True, **data_kw)
-        eval_ds = create_dataset(fn_args.eval_files, training=False, **data_kw)
-        with strategy.scope():
-            model = model_lib.create_model(config.model, len(classes), train.augmentation, train.seed)
     state_dir = os.path.join(custom["state_root"], state_key(fn_args, custom))
-    resumed_after = training_state.finished_epochs(state_dir)
+    member_dirs = [member_state_dir(state_dir, k) for k in range(config.model.ensemble_size)]
+    resumed_after = sum(training_state.finished_epochs(d) for d in member_dirs)
     start = time.time()
+    members, histories = [], []
+    for k, member_dir in enumerate(member_dirs):
+        model, member_history = _train_member(fn_args, config, classes, size, strategy, segmentation,
+                                              k, member_dir)
+        members.append(model)
+        histories.append(member_history)
     with strategy.scope():
-        history = fit_phases(model, config, train_ds, eval_ds, state_dir, fn_args.model_run_dir)
+        model = model_lib.create_ensemble(members)
+    history = histories[0]
     train_seconds = time.time() - start
 
     counts = model_lib.count_params(model)
@@ -420,13 +447,18 @@ def run_fn(fn_args) -> None:
         "backbone": config.model.backbone, "weights": config.model.weights,
         "alpha": config.model.alpha, "params": counts, "strategy": strategy_desc,
         "precision": precision, "devices": [d.name for d in tf.config.list_logical_devices()],
-        "train_seconds": train_seconds, "epochs_run": len(history),
+        "train_seconds": train_seconds, "epochs_run": sum(len(h) for h in histories),
         # Epochs a killed earlier attempt had finished (0: trained in one go);
         # train_seconds counts this attempt only.
         "resumed_after_epochs": resumed_after,
     }
+    extra_history = {}
+    if len(members) > 1:
+        metadata["ensemble"] = {"members": len(members), "seeds": [train.seed + k for k in range(len(members))]}
+        # ``history`` stays the first member's epochs (the report's curves); every member's are here.
+        extra_history["member_histories"] = histories
     with tf.io.gfile.GFile(os.path.join(fn_args.model_run_dir, features.HISTORY_FILE), "w") as f:
-        json.dump({"history": history, **metadata}, f, indent=2)
+        json.dump({"history": history, **metadata, **extra_history}, f, indent=2)
     if segmentation is not None:
         metadata["task"] = "segmentation"
         metadata["foreground_class"] = segmentation.foreground_class
@@ -439,4 +471,6 @@ def run_fn(fn_args) -> None:
     tflite_export.export_tflite(model, fn_args.serving_model_dir, classes, size, config.export.tflite,
                                 fn_args.train_files, config.export.calibration_images, segmentation)
     # The finished model is exported: the resume state is no longer needed.
-    tf.io.gfile.rmtree(state_dir)
+    for member_dir in member_dirs:
+        if tf.io.gfile.exists(member_dir):
+            tf.io.gfile.rmtree(member_dir)

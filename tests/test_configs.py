@@ -262,6 +262,12 @@ def test_segmentation_refuses_a_center_crop():
              "center_crop_fraction: not supported for segmentation")
 
 
+def test_segmentation_refuses_an_ensemble():
+    _refused(["task=segmentation", "model.image_size=64", "model.ensemble_size=2"],
+             r"^model\.ensemble_size: got 2, expected 1: ensembles are not supported for segmentation")
+    _refused(["model.ensemble_size=0"], r"^model\.ensemble_size: got 0, expected an integer >= 1")
+
+
 # --------------------------------------------------------------------------- the shipped configs
 
 @pytest.mark.parametrize("name", SHIPPED)

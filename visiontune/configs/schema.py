@@ -183,6 +183,13 @@ class ModelConfig:
         look larger to it than in a whole test photo (FixRes, Touvron et al.
         2019); the crop evens that out.  1.0: no crop.  Classification only.
       head: the classifier on top of the backbone.
+      ensemble_size: how many classifiers of this shape are trained, one
+        after another, each with its own seed (``training.seed`` + 0, 1, ...:
+        head initialisation, shuffling, augmentation, dropout), and exported
+        as one SavedModel that averages their probabilities (same signatures,
+        same TFLite files).  Members that err differently vote each other's
+        mistakes down; training and inference cost grow with the count.
+        1: one model.  Classification only.
     """
 
     backbone: str = setting("mobilenet_v2", choices=backbones.names())
@@ -194,6 +201,7 @@ class ModelConfig:
                                      f"backbone's minimum (32, 71 or 75) to {backbones.MAX_IMAGE_SIZE}")
     contrast: str = setting("none", choices=CONTRASTS)
     center_crop_fraction: float = setting(1.0, gt=0.0, le=1.0)
+    ensemble_size: int = setting(1, ge=1)
     head: HeadConfig = dataclasses.field(default_factory=HeadConfig)
 
 

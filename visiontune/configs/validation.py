@@ -279,6 +279,9 @@ def _check_segmentation(config: Config) -> None:
         raise setting_error(f"training.augmentation.{moving[0]}",
                             "not supported for segmentation (the mask would have to move with the image); "
                             "expected 0: flips, brightness, contrast and downscale are supported", "task")
+    if config.model.ensemble_size != 1:
+        raise setting_error("model.ensemble_size", f"got {config.model.ensemble_size}, expected 1: ensembles "
+                            "are not supported for segmentation", "task")
     if config.model.center_crop_fraction != 1.0:
         raise setting_error("model.center_crop_fraction", "not supported for segmentation (served masks "
                             "cover the whole image); expected 1.0", "task")
