@@ -39,8 +39,9 @@ import _perf_common as common  # noqa: E402
 TITLE = "## Edge models: TensorFlow Lite (issue 17)"
 MARKER = "<!-- tflite_edge rows -->"
 INTRO = """
-A trained GTSRB run's model (`configs/gtsrb.yaml`: MobileNetV2-0.35, 192 px,
-autocontrast, centre crop 0.875) converted by the Trainer's own code
+A trained GTSRB run's model (`configs/gtsrb.yaml` of the row's day: 192 px,
+autocontrast, centre crop 0.875; MobileNetV2-0.35, then two MobileNetV2-1.0
+averaged) converted by the Trainer's own code
 (`components/tflite_export.py`; int8 calibrated on 200 images of the run's
 transformed train split), then the 2,000 official test images sent whole
 through the SavedModel's `serving_default` and through both `.tflite` files

@@ -256,8 +256,10 @@ def create_ensemble(members: Sequence[tf_keras.Model]) -> tf_keras.Model:
     inputs = tf_keras.Input(shape=members[0].input_shape[1:], dtype=members[0].input.dtype, name="image")
     outputs = []
     for k, member in enumerate(members):
-        member._name = f"{ENSEMBLE_MEMBER_PREFIX}{k}"
-        outputs.append(member(inputs))
+        # A new model over the member's layers (its weights, not a copy) that was never compiled:
+        # the trained member's optimizer (Adam's two slots per weight) stays out of the SavedModel.
+        view = tf_keras.Model(member.inputs, member.outputs, name=f"{ENSEMBLE_MEMBER_PREFIX}{k}")
+        outputs.append(view(inputs))
     average = tf_keras.layers.Average(dtype="float32", name=OUTPUT_LAYER_NAME)(outputs)
     model = tf_keras.Model(inputs, average, name=f"ensemble_of_{len(members)}")
     model.pretrained_backbone = members[0].pretrained_backbone

@@ -88,6 +88,12 @@ def test_the_export_averages_its_members_through_every_signature(ensemble, shape
     keras_model = tf_keras.models.load_model(model_dir)
     members = model_lib.ensemble_members(keras_model)
     assert [m.name for m in members] == ["member_0", "member_1"]
+    # The weights of two models and nothing else: no member's optimizer state rides along.
+    saved = tf.train.list_variables(os.path.join(model_dir, "variables", "variables"))
+    assert not [name for name, _ in saved if "optimizer" in name.lower()]
+    stored = sum(int(np.prod(shape)) for name, shape in saved if "/.ATTRIBUTES/VARIABLE_VALUE" in name)
+    # (Beyond the weights: the dropout generators' few state numbers and the save counter.)
+    assert keras_model.count_params() <= stored < keras_model.count_params() + 100
     loaded = tf.saved_model.load(model_dir)
     records = [r.numpy() for r in tf.data.TFRecordDataset(
         [os.path.join(shapes_prepared.output_dir, "eval", f) for f in os.listdir(
