@@ -44,6 +44,14 @@ def load() -> str:
     return machine_lib.load_average()
 
 
+def saved_model_bytes(model_dir: str) -> int:
+    """A SavedModel's own size: its graph and variables (not ``assets.extra``: TFLite files, warm-up requests)."""
+    import glob
+
+    paths = [os.path.join(model_dir, "saved_model.pb")] + glob.glob(os.path.join(model_dir, "variables", "*"))
+    return sum(os.path.getsize(p) for p in paths)
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 

@@ -57,9 +57,16 @@ def split_files(pipeline_root: str, split: str, work_dir: str) -> List[str]:
                                f"Split-{split}")
     if os.path.isdir(transformed):
         return sorted(glob.glob(os.path.join(transformed, "*")))
+    raw = raw_split_files(pipeline_root, split)
+    graph = _newest(os.path.join(pipeline_root, "Transform", "transform_graph", "*"))
+    print(f"transforming {os.path.dirname(raw[0])} with {graph} (Transform writes train and eval only)",
+          flush=True)
+    return [transform_split(graph, raw, os.path.join(work_dir, split))]
+
+
+def raw_split_files(pipeline_root: str, split: str) -> List[str]:
+    """The newest run's ExampleGen files of ``split`` (gzipped raw ``tf.Example``s)."""
     raw = os.path.join(_newest(os.path.join(pipeline_root, "*ExampleGen", "examples", "*")), f"Split-{split}")
     if not os.path.isdir(raw):
         raise SystemExit(f"{pipeline_root}: no {split} split")
-    graph = _newest(os.path.join(pipeline_root, "Transform", "transform_graph", "*"))
-    print(f"transforming {raw} with {graph} (Transform writes train and eval only)", flush=True)
-    return [transform_split(graph, sorted(glob.glob(os.path.join(raw, "*"))), os.path.join(work_dir, split))]
+    return sorted(glob.glob(os.path.join(raw, "*")))

@@ -23,6 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import _perf_common as common  # noqa: E402
+import _transformed  # noqa: E402
 
 MARKER = "<!-- gtsrb_candidates rows -->"
 
@@ -51,34 +52,23 @@ def validation_scores(model_dir: str, pipeline_root: str, batch: int = 100):
     """(accuracy, cross-entropy) on the run's eval split: ExampleGen's raw examples through
     ``serving_examples``.  Candidates are chosen by accuracy; the cross-entropy breaks ties
     (277 validation images: one error is 0.36 points)."""
-    import glob
-
     import numpy as np
     import tensorflow as tf
 
     from visiontune import features
+    from visiontune.components import signatures
 
-    runs = glob.glob(os.path.join(pipeline_root, "*ExampleGen", "examples", "*", "Split-eval"))
-    files = sorted(glob.glob(os.path.join(max(runs, key=lambda p: int(p.split(os.sep)[-2])), "*")))
-    with open(os.path.join(model_dir, features.METADATA_DIR, features.CLASSES_FILE)) as f:
-        index = {name.encode(): i for i, name in enumerate(f.read().splitlines())}
+    index = {name.encode(): i for i, name in enumerate(signatures.read_metadata(model_dir)["classes"])}
     predict = tf.saved_model.load(model_dir).signatures[features.SERVING_EXAMPLES]
     spec = {features.LABEL_KEY: tf.io.FixedLenFeature([], tf.string)}
+    files = _transformed.raw_split_files(pipeline_root, "eval")
     correct, losses = 0, []
     for records in tf.data.TFRecordDataset(files, compression_type="GZIP").batch(batch):
         labels = np.array([index[b] for b in tf.io.parse_example(records, spec)[features.LABEL_KEY].numpy()])
-        probabilities = predict(**{features.EXAMPLES_INPUT: records})["probabilities"].numpy()
+        probabilities = predict(**{features.EXAMPLES_INPUT: records})[features.PROBABILITIES_OUTPUT].numpy()
         correct += int(np.sum(probabilities.argmax(-1) == labels))
         losses.extend(-np.log(np.maximum(probabilities[np.arange(len(labels)), labels], 1e-12)))
     return correct / max(len(losses), 1), float(np.mean(losses))
-
-
-def model_mib(model_dir: str) -> float:
-    """The SavedModel's own size (graph and variables; not the TFLite files or warm-up requests)."""
-    size = os.path.getsize(os.path.join(model_dir, "saved_model.pb"))
-    for root, _, files in os.walk(os.path.join(model_dir, "variables")):
-        size += sum(os.path.getsize(os.path.join(root, f)) for f in files)
-    return size / 2**20
 
 
 def main(argv=None) -> int:
@@ -93,7 +83,7 @@ def main(argv=None) -> int:
     row = (f"| {datetime.date.today()} | `{command.strip()}` | {args.note or '-'} | {common.machine()} | "
            f"{wall:.0f} s ({per_component}) | **{validation:.4f}** / {cross_entropy:.4f} | "
            f"{summary.metrics.get('sparse_categorical_accuracy', 0):.4f} | {accuracy:.4f} | "
-           f"{model_mib(model_dir):.1f} | {'yes' if summary.pushed else 'no'} |")
+           f"{common.saved_model_bytes(model_dir) / 2**20:.1f} | {'yes' if summary.pushed else 'no'} |")
     print(json.dumps({"validation_accuracy": validation, "validation_cross_entropy": cross_entropy,
                       "client_accuracy": accuracy, "wall_seconds": wall,
                       "timings": per_component, "pipeline_metrics": summary.metrics,

@@ -80,11 +80,6 @@ def _newest(pattern: str) -> str:
     return found[-1]
 
 
-def _saved_model_bytes(model_dir: str) -> int:
-    paths = [os.path.join(model_dir, "saved_model.pb")] + glob.glob(os.path.join(model_dir, "variables", "*"))
-    return sum(os.path.getsize(p) for p in paths)
-
-
 def _stats(values):
     import numpy as np
 
@@ -166,7 +161,7 @@ def main(argv=None) -> int:
             latency[variant].append(done - t_model)
             latency[f"{variant}+decode"].append(done - t)
 
-    sizes = {"savedmodel": _saved_model_bytes(model_dir),
+    sizes = {"savedmodel": common.saved_model_bytes(model_dir),
              **{v: info["models"][v]["bytes"] for v in edge}}
     result = {"model_dir": model_dir, "train_files": train_files, "image_size": size, "test_images": len(rows),
               "accuracy": accuracy, "agreement_with_savedmodel": agreement, "bytes": sizes,

@@ -20,6 +20,7 @@ from tests.conftest import SHAPE_CLASSES, trainer_config, trainer_fn_args
 from tests.test_resume import _KillAt
 from visiontune import features
 from visiontune.components import model as model_lib, trainer, transform
+from visiontune.pipeline import run_files
 from visiontune.serving.tflite import TFLiteModel
 
 
@@ -57,18 +58,13 @@ def ensemble(shapes_transformed, tmp_path_factory):
     return fn_args, out.getvalue(), first_histories[0]
 
 
-def _history(fn_args):
-    with open(os.path.join(fn_args.model_run_dir, features.HISTORY_FILE)) as f:
-        return json.load(f)
-
-
 def test_a_rerun_restores_finished_members_and_resumes_the_killed_one(ensemble):
     fn_args, stdout, member_0_first = ensemble
     lines = [line for line in stdout.splitlines() if line.startswith(("training ensemble", "resuming"))]
     # Member 1 finished in the killed attempt: restored, not trained again (no epoch runs for it).
     assert lines == ["training ensemble member 1/2 (seed 42)", "training ensemble member 2/2 (seed 43)",
                      "resuming training at epoch 2/2 (phase fine_tune)"]
-    history = _history(fn_args)
+    history = run_files.training_history(fn_args.model_run_dir)
     assert history["member_histories"][0] == member_0_first == history["history"]
     assert [r["epoch"] for r in history["member_histories"][1]] == [1, 2]
     assert history["epochs_run"] == 4 and history["resumed_after_epochs"] == 3
@@ -102,7 +98,8 @@ def test_the_export_averages_its_members_through_every_signature(ensemble, shape
               for r in records]
     served = loaded.signatures[features.SERVING_DEFAULT](image_bytes=tf.constant(images))
     by_examples = loaded.signatures[features.SERVING_EXAMPLES](examples=tf.constant(records))
-    np.testing.assert_allclose(by_examples["probabilities"].numpy(), served["probabilities"].numpy(), atol=1e-6)
+    probabilities = features.PROBABILITIES_OUTPUT
+    np.testing.assert_allclose(by_examples[probabilities].numpy(), served[probabilities].numpy(), atol=1e-6)
 
     pixels = np.stack([transform.decode_and_resize(tf.constant(i), 32).numpy() for i in images])
     each = [m(pixels, training=False).numpy() for m in members]
