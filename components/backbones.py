@@ -22,6 +22,7 @@ from typing import Callable, Dict, Optional
 import tf_keras
 from tf_keras import applications as apps
 
+from visiontune.components import keras_tracing  # noqa: F401  (AutoGraph skips tf_keras's own code)
 from visiontune.configs import backbones as registry
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests.conftest import SHAPE_CLASSES, trainer_config
 from visiontune import features
-from visiontune.components import signatures, trainer
+from visiontune.components import signatures, trainer, transform
 
 # The tiny config and the export are shared with the serving tests (tests/conftest.py).
 _config = trainer_config
@@ -70,6 +70,22 @@ def test_both_signatures_give_the_same_probabilities(exported, shapes_prepared):
     assert by_bytes["probabilities"].shape == (6, 3)
     names = [c.decode() for c in by_bytes["classes"].numpy()]
     assert names == [SHAPE_CLASSES[i] for i in by_bytes["class_ids"].numpy()]
+
+
+def test_the_export_reloads_as_a_keras_model_from_its_config(exported, shapes_prepared):
+    """Saved without per-layer traces (faster): Keras rebuilds it from the config and gives the served answers."""
+    import tensorflow_transform as tft
+    import tf_keras
+
+    records = _eval_examples(shapes_prepared)[:6]
+    tft_output = tft.TFTransformOutput(exported.transform_output)
+    raw = tf.io.parse_example(tf.constant(records), tft_output.raw_feature_spec())
+    pixels = transform.decode_pixels(tft_output.transform_raw_features(raw)[features.PIXELS_KEY], 32)
+    keras_model = tf_keras.models.load_model(exported.serving_model_dir, compile=False)
+    served = tf.saved_model.load(exported.serving_model_dir).signatures["serving_examples"](
+        examples=tf.constant(records))
+    np.testing.assert_allclose(keras_model(pixels, training=False).numpy(), served["probabilities"].numpy(),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_serving_default_accepts_png_and_jpeg_of_the_same_image(exported):
