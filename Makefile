@@ -10,6 +10,10 @@ BIN := $(VENV)/bin
 VISIONTUNE_SHARED ?= $(abspath ../shared)
 export VISIONTUNE_SHARED
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist). Two fit a 2-core machine: most of a test's time keeps one core busy
+# (Beam, tracing, Python), so two workers cut the wall time from ~30 to ~12 min (BENCHMARKS.md). Tests
+# sharing a run stay on one worker (tests/conftest.py). TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: install test test-fast demo gtsrb clean
 
@@ -23,11 +27,11 @@ $(BIN)/visiontune: setup.py pyproject.toml constraints.txt
 	@touch $@
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # Unit tests only: no end-to-end pipeline runs.
 test-fast: install
-	$(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not e2e" $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/visiontune demo --output-dir outputs/demo

@@ -25,10 +25,43 @@ SHAPE_CLASSES = ["2", "10", "circle"]
 SHARED_FIXTURES = {"gtsrb_slice", "first_run", "first_run_snapshot"}
 
 
+# Session fixtures whose tests build on one run, in file order (re-runs into its output folder, a resume
+# after a kill): under pytest-xdist (``make test`` runs two workers, ``--dist loadgroup``) every test of
+# a module that uses one runs on the same worker, which builds the fixture once.
+SERIAL_FIXTURES = {"first_run": "gtsrb_run", "first_run_snapshot": "gtsrb_run", "gtsrb_slice": "gtsrb_run",
+                   "stopped_run": "stopped_run"}
+
+
+def xdist_groups(items) -> dict:
+    """{module name: xdist group}: a module stays whole (its module fixtures are built once), and the
+    modules sharing a ``SERIAL_FIXTURES`` run share one group."""
+    groups = {}
+    for item in items:
+        module = item.module.__name__
+        groups.setdefault(module, module)
+        for name in getattr(item, "fixturenames", ()):
+            if name in SERIAL_FIXTURES:
+                groups[module] = SERIAL_FIXTURES[name]
+    return groups
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
+    groups = xdist_groups(items)
     for item in items:
         if SHARED_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("shared"):
             item.add_marker(pytest.mark.shared)
+        item.add_marker(pytest.mark.xdist_group(groups[item.module.__name__]))
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: the controller's view of a worker's collection
+def pytest_xdist_node_collection_finished(node, ids):
+    """Under ``--dist loadgroup``, xdist names each test's group in its node id; on a pytest where it no
+    longer does (9.2: pytest-dev/pytest-xdist#1386) the groups would split without a word."""
+    if node.config.getoption("dist") == "loadgroup" and ids and not any("@" in i for i in ids):
+        raise pytest.UsageError("pytest-xdist's --dist loadgroup ignores the test groups with this pytest "
+                                "(pytest-dev/pytest-xdist#1386): install constraints.txt's pytest, "
+                                "or run with TEST_WORKERS=0")
 
 
 def require_shared(path: str) -> str:
