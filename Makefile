@@ -14,6 +14,7 @@ PYTEST_ARGS ?=
 # (Beam, tracing, Python), so two workers cut the wall time from ~30 to ~12 min (BENCHMARKS.md). Tests
 # sharing a run stay on one worker (tests/conftest.py). TEST_WORKERS=0 runs everything in this process.
 TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 .PHONY: install test test-fast demo gtsrb clean
 
@@ -27,11 +28,11 @@ $(BIN)/visiontune: setup.py pyproject.toml constraints.txt
 	@touch $@
 
 test: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 # Unit tests only: no end-to-end pipeline runs.
 test-fast: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not e2e" $(PYTEST_ARGS)
+	$(PYTEST) -m "not e2e" $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/visiontune demo --output-dir outputs/demo

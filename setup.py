@@ -40,6 +40,7 @@ setup(
         "matplotlib",  # the run report's figures (Agg backend)
         "jinja2",  # the run report's HTML (autoescaped templates)
     ],
-    extras_require={"test": ["pytest", "pytest-xdist", "scikit-learn", "hypothesis"]},  # hypothesis: the REST fuzz test
+    # pytest-xdist: ``make test``'s two workers; hypothesis: the REST fuzz test
+    extras_require={"test": ["pytest", "pytest-xdist", "scikit-learn", "hypothesis"]},
     entry_points={"console_scripts": ["visiontune=visiontune.cli:main"]},
 )

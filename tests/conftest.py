@@ -27,9 +27,9 @@ SHARED_FIXTURES = {"gtsrb_slice", "first_run", "first_run_snapshot"}
 
 # Session fixtures whose tests build on one run, in file order (re-runs into its output folder, a resume
 # after a kill): under pytest-xdist (``make test`` runs two workers, ``--dist loadgroup``) every test of
-# a module that uses one runs on the same worker, which builds the fixture once.
-SERIAL_FIXTURES = {"first_run": "gtsrb_run", "first_run_snapshot": "gtsrb_run", "gtsrb_slice": "gtsrb_run",
-                   "stopped_run": "stopped_run"}
+# a module that uses one runs on the same worker, which builds the fixture once.  A test's
+# ``fixturenames`` holds the fixtures its fixtures use too: ``first_run`` and its snapshot use ``gtsrb_slice``.
+SERIAL_FIXTURES = {"gtsrb_slice": "gtsrb_run", "stopped_run": "stopped_run"}
 
 
 def xdist_groups(items) -> dict:
